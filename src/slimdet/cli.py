@@ -1,0 +1,321 @@
+"""The ``slimdet`` command: a thin layer over slimdet.pipeline and the verbs (train, evaluate, ...).
+
+``main(argv)`` runs in-process and returns the exit code: 0 on success, 2 for a user error
+(printed as ``error: <message>``, no traceback), argparse's code for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from slimdet.errors import ConfigError, SlimdetError
+
+DEMO_DATASET = "digits-det"
+DEMO_BASELINE = "assets/yolo-s_digits-det.pt"  # package data, relative to the slimdet package
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.func(args) or 0)
+    except SlimdetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimdet", description="Make object detectors small and fast, with evidence.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="built-in datasets").add_subparsers(dest="data_command", required=True)
+    build = data.add_parser("build", help="generate a built-in dataset (if not cached) and print its YAML path")
+    build.add_argument("name", help="built-in dataset name, e.g. digits-det")
+    build.add_argument(
+        "--cache-dir", type=Path, help="where to generate it (default: $SLIMDET_CACHE or ~/.cache/slimdet)"
+    )
+    build.set_defaults(func=cmd_data_build)
+
+    tr = sub.add_parser("train", help="train a model (from scratch or a checkpoint)")
+    src = tr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="registry name (see 'slimdet models')")
+    src.add_argument("--checkpoint", type=Path, help="slimdet checkpoint to start from")
+    tr.add_argument("--data", required=True, help="built-in dataset name or dataset YAML")
+    tr.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, logs)")
+    tr.add_argument("--input-size", type=int, default=160)
+    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--weight-decay", float),
+                       ("--warmup-epochs", float), ("--seed", int), ("--workers", int), ("--threads", int),
+                       ("--max-steps-per-epoch", int), ("--eval-every", int)):  # fmt: skip
+        tr.add_argument(flag, type=kind, help="TrainConfig field (its default when omitted)")
+    for flag in ("--ema", "--augment", "--cache-images"):
+        tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help="TrainConfig field")
+    tr.add_argument("--resume", action="store_true", help="continue the training stored in --out")
+    tr.add_argument("--skip-invalid", action="store_true", help="drop invalid dataset records instead of failing")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="COCO mAP of a checkpoint on a dataset split")
+    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("--data", required=True, help="built-in dataset name or dataset YAML")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--conf-thres", type=float, default=0.001)
+    ev.add_argument("--iou-thres", type=float, default=0.6)
+    ev.add_argument("--max-images", type=int, help="evaluate on this many evenly spaced images")
+    ev.add_argument("--json", type=Path, help="also write the result as JSON here")
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("profile", help="params, MACs, size and latency (PyTorch, ONNX Runtime)")
+    pr.add_argument("model", help="checkpoint file or registry name")
+    pr.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    pr.add_argument("--threads", type=int)
+    pr.add_argument("--runs", type=int, default=30)
+    pr.add_argument("--warmup", type=int, default=5)
+    pr.add_argument("--no-onnx", dest="onnx", action="store_false", help="PyTorch only")
+    pr.add_argument("--num-classes", type=int, default=10, help="for a registry name (default 10)")
+    pr.add_argument("--input-size", type=int, default=160, help="for a registry name (default 160)")
+    pr.add_argument("--layers", action="store_true", help="print the per-layer table")
+    pr.add_argument("--json", type=Path, help="also write the result as JSON here")
+    pr.set_defaults(func=cmd_profile)
+
+    ex = sub.add_parser("export", help="export a checkpoint (ONNX)")
+    ex.add_argument("checkpoint", type=Path)
+    ex.add_argument("--format", default="onnx", help="onnx (more formats come later)")
+    ex.add_argument("--out", type=Path, required=True, help="output file")
+    ex.add_argument("--batch-size", type=int, default=1)
+    ex.add_argument("--dynamic-batch", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+    co = sub.add_parser("compress", help="run a recipe into a run directory")
+    co.add_argument("recipe", type=Path)
+    co.add_argument("--out", type=Path, required=True, help="run directory")
+    co.add_argument("--resume", action="store_true", help="continue the run stored in --out")
+    co.add_argument("--quiet", action="store_true", help="no progress output")
+    co.set_defaults(func=cmd_compress)
+
+    de = sub.add_parser("demo", help="digits-det + baseline yolo-s + recipes/default.yaml, end to end")
+    de.add_argument("--out", type=Path, default=Path("runs/demo"))
+    de.add_argument("--retrain", action="store_true", help="train the baseline instead of using the shipped one")
+    de.set_defaults(func=cmd_demo)
+
+    mo = sub.add_parser("models", help="list registered models")
+    mo.set_defaults(func=cmd_models)
+    return p
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    print(build_builtin(args.name, args.cache_dir))
+    return 0
+
+
+def build_builtin(name: str, cache_dir: Path | None = None) -> Path:
+    """Generate a built-in dataset unless cached; returns its dataset YAML."""
+    import slimdet.data.builtin  # noqa: F401  (registers the built-in datasets)
+    from slimdet.data import BUILTIN_DATASETS
+
+    return Path(BUILTIN_DATASETS.get(name)(cache_dir))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    fields = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "workers", "threads",
+              "max_steps_per_epoch", "eval_every", "ema", "augment", "cache_images")  # fmt: skip
+    cfg = train_config({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    source = {"checkpoint": args.checkpoint} if args.checkpoint is not None else {"model": args.model}
+    path = train_checkpoint(
+        **source, data=args.data, input_size=args.input_size, cfg=cfg, out=args.out, resume=args.resume,
+        skip_invalid=args.skip_invalid,
+    )  # fmt: skip
+    print(f"checkpoint: {path} (final weights; the best on validation: {args.out / 'best.pt'})")
+    return 0
+
+
+def train_config(values: dict[str, Any]) -> Any:
+    """A TrainConfig, with invalid values reported as a ConfigError naming the option."""
+    from pydantic import ValidationError
+
+    from slimdet.pipeline.validation import error_messages
+    from slimdet.train import TrainConfig
+
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError("train options: " + "; ".join(error_messages(exc, TrainConfig))) from None
+
+
+def train_checkpoint(
+    *,
+    data: str,
+    cfg: Any,
+    out: Path,
+    model: str | None = None,
+    checkpoint: Path | None = None,
+    input_size: int = 160,
+    resume: bool = False,
+    skip_invalid: bool = False,
+) -> Path:
+    """Train a registry model (or continue a checkpoint) and save its final weights to ``out/model.pt``."""
+    from slimdet.io import save_checkpoint
+    from slimdet.models import create_model, load_model
+    from slimdet.pipeline.run import dataset_num_classes
+    from slimdet.train import fit
+
+    if checkpoint is not None:
+        net, _ = load_model(checkpoint)
+    else:
+        net = create_model(str(model), num_classes=dataset_num_classes(data), input_size=input_size)
+    result = fit(net, data, cfg, out_dir=out, resume=resume, skip_invalid=skip_invalid)
+    if result.best_epoch >= 0:
+        print(f"best validation mAP@[.5:.95] {result.best_map:.4f} (epoch {result.best_epoch + 1})")
+    return save_checkpoint(out / "model.pt", model_config=net.model_config, state_dict=net.state_dict())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slimdet.data import load_dataset
+    from slimdet.evaluate import evaluate
+    from slimdet.models import load_model
+    from slimdet.pipeline.builtin.measure import subset
+
+    model, _ = load_model(args.checkpoint)
+    ds = load_dataset(args.data, args.split, input_size=model.input_size)
+    if args.max_images is not None and args.max_images < len(ds):
+        ds = subset(ds, args.max_images)
+    result = evaluate(model, ds, batch_size=args.batch_size, conf_thres=args.conf_thres, iou_thres=args.iou_thres)
+    print(f"{args.checkpoint} on {args.data} [{args.split}], {result.num_images} images")
+    print(f"mAP@[.5:.95] {result.map:.4f}   mAP@.5 {result.map50:.4f}")
+    for name, ap in result.per_class_ap.items():
+        print(f"  {name:<20} AP {ap:.4f}")
+    _maybe_json(args.json, result.to_dict())
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from slimdet.models import create_model, load_model
+    from slimdet.profile import profile
+
+    if Path(args.model).is_file():
+        model, _ = load_model(args.model)
+    elif args.model.endswith((".pt", ".pth")) or "/" in args.model:
+        raise ConfigError(f"{args.model}: checkpoint file not found")
+    else:
+        model = create_model(args.model, num_classes=args.num_classes, input_size=args.input_size)
+    result = profile(
+        model, batch_sizes=args.batch_sizes, threads=args.threads, warmup=args.warmup, runs=args.runs, onnx=args.onnx
+    )
+    print(result.to_text(layers=args.layers))
+    _maybe_json(args.json, result.to_dict())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimdet.export.onnx import export_onnx
+    from slimdet.models import load_model
+
+    if args.format != "onnx":
+        raise ConfigError(f"--format: unsupported export format {args.format!r}; available: onnx")
+    model, _ = load_model(args.checkpoint)
+    result = export_onnx(model, args.out, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch)
+    diff = f", max |onnx - torch| {result.max_abs_diff:.2e}" if result.max_abs_diff is not None else ""
+    print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset}{diff})")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from slimdet.pipeline import run_recipe
+
+    result = run_recipe(args.recipe, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    _print_run(result)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import yaml
+
+    from slimdet.pipeline import load_recipe, run_recipe
+
+    print(f"dataset: {build_builtin(DEMO_DATASET)}", file=sys.stderr)
+    checkpoint = None if args.retrain else shipped_baseline()
+    if checkpoint is None:
+        checkpoint = train_baseline(Path(f"{args.out}_baseline"))
+    recipe_path = default_recipe_path()
+    raw = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    raw["checkpoint"] = str(checkpoint)
+    recipe = load_recipe(raw, base_dir=recipe_path.parent, source=str(recipe_path))
+    result = run_recipe(recipe, out_dir=args.out, resume=True)
+    _print_run(result)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from slimdet.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def shipped_baseline() -> Path | None:
+    """The baseline yolo-s checkpoint shipped as package data, when present."""
+    from importlib.resources import files
+
+    path = Path(str(files("slimdet").joinpath(DEMO_BASELINE)))
+    return path if path.is_file() else None
+
+
+def default_recipe_path() -> Path:
+    """recipes/default.yaml of the source checkout, else of the current folder."""
+    import slimdet
+
+    for root in (Path(slimdet.__file__).resolve().parents[2], Path.cwd()):
+        if (root / "recipes" / "default.yaml").is_file():
+            return root / "recipes" / "default.yaml"
+    raise ConfigError("recipes/default.yaml not found (run the demo from a slimdet source checkout)")
+
+
+def train_baseline(out: Path) -> Path:
+    """Train the demo's baseline with the documented settings (resumable); returns its checkpoint.
+
+    ``slimdet.train.BASELINE_TRAIN_ARGS`` is either the argument list of the documented
+    ``slimdet train`` command (without ``--out``) or a dict with ``model``, ``data`` and
+    TrainConfig fields.
+    """
+    try:
+        from slimdet.train import BASELINE_TRAIN_ARGS
+    except ImportError:
+        raise ConfigError(
+            f"the baseline checkpoint slimdet/{DEMO_BASELINE} is not installed and slimdet.train defines no "
+            "BASELINE_TRAIN_ARGS to train it with; pass a checkpoint to 'slimdet compress' instead"
+        ) from None
+    resume = out.is_dir() and any(out.iterdir())
+    if isinstance(BASELINE_TRAIN_ARGS, dict):
+        settings = dict(BASELINE_TRAIN_ARGS)
+        model, data = settings.pop("model"), settings.pop("data", DEMO_DATASET)
+        input_size = settings.pop("input_size", 160)
+        print(f"training the baseline {model} on {data} into {out}: {settings}", file=sys.stderr)
+        return train_checkpoint(model=model, data=data, input_size=input_size, cfg=train_config(settings),
+                                out=out, resume=resume)  # fmt: skip
+    argv = ["train", *BASELINE_TRAIN_ARGS, "--out", str(out), *(["--resume"] if resume else [])]
+    print(f"training the baseline: slimdet {' '.join(argv)}", file=sys.stderr)
+    cmd_train(build_parser().parse_args(argv))
+    return out / "model.pt"
+
+
+def _print_run(result: Any) -> None:
+    from slimdet.report import summary_table
+
+    print(summary_table(result.metrics))
+    print(f"\nreport: {result.report_path}")
+
+
+def _maybe_json(path: Path | None, obj: dict[str, Any]) -> None:
+    if path is not None:
+        from slimdet.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,203 @@
+"""The torch Dataset, its collate function and loader, and ``load_dataset``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from slimdet.data.coco import read_coco
+from slimdet.data.records import RecordSet, build_coco_gt
+from slimdet.data.spec import BUILTIN_DATASETS, DatasetFormat, load_spec
+from slimdet.data.transforms import Augment, Letterbox, apply_augment, letterbox, to_tensor
+from slimdet.data.yolo import read_yolo
+from slimdet.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+Target = dict[str, Any]
+
+
+class DetectionDataset(Dataset[tuple[torch.Tensor, Target]]):
+    """Letterboxed images and targets in the network-input frame.
+
+    ``ds[i]`` is ``(image, target)``: image float32 ``3 x S x S`` in [0, 1]; target a dict with
+    ``boxes`` (float32 ``N x 4`` xyxy input pixels), ``labels`` (int64, 0..C-1), ``image_id``,
+    ``orig_size`` ``(h, w)`` and ``letterbox`` ``(scale, pad_x, pad_y)`` with
+    ``input_xy = orig_xy * scale + pad``.
+
+    Attributes:
+        class_names: one name per label.
+        cat_ids: COCO category id of each label (indexes ``coco_gt['categories']``).
+        image_ids: COCO image id of each item.
+        coco_gt: COCO-format ground truth in original image coordinates, for evaluation.
+        input_size: side ``S`` of the square network input.
+        source: the annotation file (or label folder) it came from.
+        skipped: invalid records dropped on load, by kind (empty unless ``skip_invalid``).
+    """
+
+    def __init__(
+        self,
+        records: RecordSet,
+        *,
+        input_size: int = 160,
+        augment: Augment | None = None,
+        cache_images: bool = False,
+    ) -> None:
+        if input_size < 1:
+            raise ValueError(f"input_size must be >= 1, got {input_size}")
+        if not records.records:
+            raise DatasetError(f"{records.source}: no images (skipped: {records.skipped or 'none'})")
+        self.records = records.records
+        self.class_names = list(records.class_names)
+        self.cat_ids = list(records.cat_ids)
+        self.image_ids = [r.image_id for r in self.records]
+        self.coco_gt = build_coco_gt(self.records, self.class_names, self.cat_ids)
+        self.input_size = input_size
+        self.source = records.source
+        self.skipped = dict(records.skipped)
+        self.augment = augment
+        self._cache: list[tuple[np.ndarray, np.ndarray, Letterbox]] | None = None
+        if cache_images:
+            self._cache = [self._load(i) for i in range(len(self.records))]
+            size_bytes = sum(im.nbytes for im, _, _ in self._cache)
+            log.info("%s: cached %d images (%.1f MiB)", self.source, len(self._cache), size_bytes / 2**20)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        rec = self.records[index]
+        image, boxes, lb = self._cache[index] if self._cache is not None else self._load(index)
+        labels = rec.labels
+        if self.augment is not None:
+            # drawn from torch's RNG so the caller's seed (and DataLoader worker seeding) decides it
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+            image, boxes, labels = apply_augment(image, boxes, labels, self.augment, rng)
+        target = {
+            "boxes": torch.from_numpy(np.array(boxes, np.float32).reshape(-1, 4)),
+            "labels": torch.from_numpy(np.array(labels, np.int64)),
+            "image_id": rec.image_id,
+            "orig_size": (rec.height, rec.width),
+            "letterbox": lb,
+        }
+        return to_tensor(image), target
+
+    def load_image(self, index: int) -> np.ndarray:
+        """The original image of item ``index`` as ``H x W x 3`` uint8 RGB."""
+        path = self.records[index].path
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except OSError as e:
+            image_id = self.records[index].image_id
+            raise DatasetError(f"{self.source}: image id {image_id}: cannot read {path}: {e}") from None
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, Letterbox]:
+        return letterbox(self.load_image(index), self.records[index].boxes, self.input_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"DetectionDataset({self.source!r}, images={len(self)}, classes={self.num_classes}, "
+            f"input_size={self.input_size}, augment={self.augment is not None})"
+        )
+
+
+def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[torch.Tensor, list[Target]]:
+    """Stack images into ``B x 3 x S x S``; targets stay a list."""
+    images, targets = zip(*batch, strict=True)
+    if all(im.device.type == "cpu" for im in images):
+        # NumPy copy: torch.stack waits on its thread pool when the cores are busy (see to_tensor)
+        return torch.from_numpy(np.stack([im.numpy() for im in images])), list(targets)
+    return torch.stack(images), list(targets)
+
+
+def make_loader(
+    ds: Dataset[Any],
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> DataLoader[Any]:
+    """A DataLoader with :func:`collate`; shuffling (and worker seeds) come from ``seed``."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def load_dataset(
+    source: str | Path,
+    split: str,
+    *,
+    input_size: int = 160,
+    augment: bool | Augment = False,
+    skip_invalid: bool = False,
+    cache_images: bool = False,
+    cache_dir: str | Path | None = None,
+) -> DetectionDataset:
+    """Load one split of a dataset.
+
+    Args:
+        source: a built-in dataset name (e.g. ``"digits-det"``), a dataset YAML file, or a folder
+            holding ``data.yaml``.
+        split: split name in the YAML (``"train"``, ``"val"``, ...).
+        input_size: side of the square network input images are letterboxed to.
+        augment: True for the default :class:`Augment`, or an ``Augment``; False for none.
+        skip_invalid: drop invalid records (counted in ``.skipped``) instead of raising.
+        cache_images: keep the decoded, letterboxed images in memory.
+        cache_dir: where built-in datasets are generated (their default when None).
+
+    Raises:
+        DatasetError: for a bad YAML, missing files or invalid records (naming file and record).
+        ConfigError: for an unknown built-in name (with the closest known one).
+    """
+    yaml_path = resolve_source(source, cache_dir=cache_dir)
+    spec = load_spec(yaml_path)
+    images, ann = spec.split_paths(split, source=str(yaml_path))
+    reader = read_coco if spec.format is DatasetFormat.COCO else read_yolo
+    records = reader(images, ann, names=spec.names, skip_invalid=skip_invalid)
+    aug = Augment() if augment is True else (augment or None)
+    return DetectionDataset(records, input_size=input_size, augment=aug, cache_images=cache_images)
+
+
+def resolve_source(source: str | Path, *, cache_dir: str | Path | None = None) -> Path:
+    """The dataset YAML for a built-in name, a YAML path, or a folder with ``data.yaml``."""
+    path = Path(source)
+    if path.is_dir():
+        for name in ("data.yaml", "data.yml", "dataset.yaml"):
+            if (path / name).is_file():
+                return path / name
+        raise DatasetError(f"{path}: folder has no data.yaml")
+    if path.exists() or path.suffix in (".yaml", ".yml") or isinstance(source, Path) or "/" in str(source):
+        if not path.is_file():
+            raise DatasetError(f"{path}: dataset YAML not found")
+        return path
+    _import_builtins()
+    fn = BUILTIN_DATASETS.get(str(source))
+    return Path(fn(Path(cache_dir) if cache_dir is not None else None))
+
+
+def _import_builtins() -> None:
+    try:
+        import slimdet.data.builtin  # noqa: F401  (registers the built-in datasets)
+    except ModuleNotFoundError as e:
+        if e.name != "slimdet.data.builtin":
+            raise

@@ -1,0 +1,17 @@
+"""User-facing errors. Each names the file, the field or record, and what was expected."""
+
+
+class SlimdetError(Exception):
+    """Base class for errors caused by the user's input; the CLI prints these without a traceback."""
+
+
+class ConfigError(SlimdetError):
+    """A recipe, config or command-line value is invalid."""
+
+
+class DatasetError(SlimdetError):
+    """A dataset file or record is invalid."""
+
+
+class CheckpointError(SlimdetError):
+    """A checkpoint file is missing, unreadable, or does not match the model."""

@@ -1,0 +1,1 @@
+"""Built-in recipe steps; importing a module registers its steps."""

@@ -1,0 +1,98 @@
+"""Steps that train the model: ``train`` and ``finetune`` (fewer epochs, lower learning rate).
+
+Their options are slimdet.train's TrainConfig fields plus the splits to use, so a recipe accepts
+exactly what the training loop accepts. Training writes into the step's folder, so a run
+interrupted mid-training resumes from the loop's own last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from slimdet.models.base import Detector
+from slimdet.pipeline.steps import RunContext, StepOutput, register_step
+from slimdet.train import TrainConfig, train
+
+
+class TrainOptions(TrainConfig):
+    """TrainConfig plus the dataset splits; ``seed: null`` means the recipe's seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int | None = None  # type: ignore[assignment]
+    train_split: str = "train"
+    #: validation split (best.pt and the per-epoch mAP); null to train without validation
+    val_split: str | None = "val"
+
+
+def _with_defaults(base: type[BaseModel], name: str, **defaults: Any) -> type[BaseModel]:
+    """A subclass of ``base`` whose named fields keep their type and constraints but change default."""
+    fields: dict[str, Any] = {}
+    for key, value in defaults.items():
+        if key not in base.model_fields:
+            continue
+        info = copy.copy(base.model_fields[key])
+        info.default, info.default_factory = value, None
+        fields[key] = (info.annotation, info)
+    return create_model(name, __base__=base, **fields)
+
+
+_TRAIN_DEFAULTS = TrainConfig()
+# Fine-tuning starts from trained weights: a quarter of the epochs, a tenth of the learning rate.
+FinetuneOptions = _with_defaults(
+    TrainOptions,
+    "FinetuneOptions",
+    epochs=max(1, round(_TRAIN_DEFAULTS.epochs / 4)),
+    lr=_TRAIN_DEFAULTS.lr / 10,
+    warmup_epochs=0,
+)
+
+
+@register_step("train", options=TrainOptions, changes_model=True)
+def train_step(ctx: RunContext, model: Detector, opts: TrainOptions) -> StepOutput:
+    """Train the current model on the recipe's dataset (resumes mid-training after a crash)."""
+    return _run_training(ctx, model, opts)
+
+
+@register_step("finetune", options=FinetuneOptions, changes_model=True)
+def finetune_step(ctx: RunContext, model: Detector, opts: TrainOptions) -> StepOutput:
+    """Fine-tune the current model (e.g. after pruning): fewer epochs, lower learning rate."""
+    return _run_training(ctx, model, opts)
+
+
+def _run_training(ctx: RunContext, model: Detector, opts: TrainOptions) -> StepOutput:
+    values = {k: getattr(opts, k) for k in TrainConfig.model_fields}
+    if values.get("seed") is None:
+        values["seed"] = ctx.recipe.seed
+    cfg = TrainConfig(**values)
+    train_ds = ctx.dataset(opts.train_split, augment=cfg.augment, cache_images=cfg.cache_images)
+    val_ds = ctx.dataset(opts.val_split) if opts.val_split is not None else None
+    # trains in place and leaves the final weights (the EMA when enabled) in the model
+    result = train(model, train_ds, val_ds, cfg, out_dir=ctx.step_dir, resume=ctx.resume, progress=ctx.progress)
+    last = result.history[-1] if result.history else {}
+    metrics = {
+        "epochs": len(result.history),
+        "final_train_loss": last.get("train_loss"),
+        "final_val_map": last.get("val_map"),
+        "final_val_map50": last.get("val_map50"),
+        "best_val_map": result.best_map if result.best_epoch >= 0 else None,
+        "best_epoch": result.best_epoch if result.best_epoch >= 0 else None,
+    }
+    record = {
+        "config": cfg.model_dump(mode="json"),
+        "history": result.history,
+        "last_checkpoint": _relative(result.last_checkpoint, ctx),
+        "best_checkpoint": _relative(result.best_checkpoint, ctx) if result.best_checkpoint else None,
+    }
+    return StepOutput(model, record=record, metrics=metrics)
+
+
+def _relative(path: Path, ctx: RunContext) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ctx.run_dir.resolve()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from slimdet.data import load_dataset
+from slimdet.errors import CheckpointError
+from slimdet.io import load_checkpoint
+from slimdet.models import create_model, load_model
+from slimdet.train import TrainConfig, _lr_factor, train
+
+CFG = TrainConfig(epochs=3, batch_size=4, lr=3e-3, warmup_epochs=0.5, max_steps_per_epoch=2, eval_every=1, threads=1)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class Crashing(torch.utils.data.Dataset):
+    """Wraps a dataset and raises after ``after`` item reads: a run killed mid-epoch."""
+
+    def __init__(self, ds, after):
+        self.ds, self.after, self.reads = ds, after, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.after:
+            raise Interrupt
+        return self.ds[i]
+
+
+@pytest.fixture(scope="module")
+def data(tiny_digits):
+    train_ds = load_dataset(tiny_digits, "train", input_size=64, augment=True, cache_images=True)
+    val_ds = load_dataset(tiny_digits, "val", input_size=64)
+    return train_ds, val_ds
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("yolo-test", num_classes=10, input_size=64)
+
+
+def test_train_writes_checkpoints_history_and_changes_weights(data, tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, *data, CFG, out_dir=tmp_path, progress=False)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert all("val_map50" in h and "train_loss" in h for h in result.history)
+    assert result.best_checkpoint is not None and result.best_checkpoint.is_file()
+    assert (tmp_path / "history.json").is_file()
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert len(changed) > 10
+    # the checkpoint is plain data: loads with weights_only=True and rebuilds the same model
+    payload = torch.load(result.last_checkpoint, weights_only=True)
+    assert payload["model"]["name"] == "yolo-test"
+    rebuilt, _ = load_model(result.last_checkpoint)
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path):
+    train_ds, val_ds = data
+    full = _model()
+    train(full, train_ds, val_ds, CFG, out_dir=tmp_path / "full", progress=False)
+
+    crashed = _model()
+    reads_per_epoch = CFG.max_steps_per_epoch * CFG.batch_size
+    with pytest.raises(Interrupt):  # dies in the middle of the second epoch
+        train(crashed, Crashing(train_ds, reads_per_epoch + 3), val_ds, CFG, out_dir=tmp_path / "cut", progress=False)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]["epoch"] == 0
+
+    resumed = _model()
+    result = train(resumed, train_ds, val_ds, CFG, out_dir=tmp_path / "cut", resume=True, progress=False)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(data, tmp_path):
+    train(_model(), *data, CFG.model_copy(update={"epochs": 1}), out_dir=tmp_path, progress=False)
+    other = create_model("yolo-test", num_classes=3, input_size=64)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        train(other, *data, CFG, out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    factors = [_lr_factor(s, 10, 100, 0.05) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[-1] == pytest.approx(0.05, abs=1e-3)
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(ValueError, match="epoch"):
+        TrainConfig(epoch=3)
