@@ -88,7 +88,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(data, tmp_path):
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     factors = [_lr_factor(s, 10, 100, 0.05) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
     assert factors[-1] == pytest.approx(0.05, abs=1e-3)
 
 

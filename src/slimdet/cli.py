@@ -182,12 +182,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slimdet.data import load_dataset
     from slimdet.evaluate import evaluate
     from slimdet.models import load_model
-    from slimdet.pipeline.builtin.measure import subset
 
     model, _ = load_model(args.checkpoint)
     ds = load_dataset(args.data, args.split, input_size=model.input_size)
     if args.max_images is not None and args.max_images < len(ds):
-        ds = subset(ds, args.max_images)
+        ds = ds.subset(args.max_images)
     result = evaluate(model, ds, batch_size=args.batch_size, conf_thres=args.conf_thres, iou_thres=args.iou_thres)
     print(f"{args.checkpoint} on {args.data} [{args.split}], {result.num_images} images")
     print(f"mAP@[.5:.95] {result.map:.4f}   mAP@.5 {result.map50:.4f}")
@@ -282,25 +281,11 @@ def default_recipe_path() -> Path:
 def train_baseline(out: Path) -> Path:
     """Train the demo's baseline with the documented settings (resumable); returns its checkpoint.
 
-    ``slimdet.train.BASELINE_TRAIN_ARGS`` is either the argument list of the documented
-    ``slimdet train`` command (without ``--out``) or a dict with ``model``, ``data`` and
-    TrainConfig fields.
+    The settings are those of the documented command, ``slimdet.train.BASELINE_TRAIN_ARGS``.
     """
-    try:
-        from slimdet.train import BASELINE_TRAIN_ARGS
-    except ImportError:
-        raise ConfigError(
-            f"the baseline checkpoint slimdet/{DEMO_BASELINE} is not installed and slimdet.train defines no "
-            "BASELINE_TRAIN_ARGS to train it with; pass a checkpoint to 'slimdet compress' instead"
-        ) from None
+    from slimdet.train import BASELINE_TRAIN_ARGS
+
     resume = out.is_dir() and any(out.iterdir())
-    if isinstance(BASELINE_TRAIN_ARGS, dict):
-        settings = dict(BASELINE_TRAIN_ARGS)
-        model, data = settings.pop("model"), settings.pop("data", DEMO_DATASET)
-        input_size = settings.pop("input_size", 160)
-        print(f"training the baseline {model} on {data} into {out}: {settings}", file=sys.stderr)
-        return train_checkpoint(model=model, data=data, input_size=input_size, cfg=train_config(settings),
-                                out=out, resume=resume)  # fmt: skip
     argv = ["train", *BASELINE_TRAIN_ARGS, "--out", str(out), *(["--resume"] if resume else [])]
     print(f"training the baseline: slimdet {' '.join(argv)}", file=sys.stderr)
     cmd_train(build_parser().parse_args(argv))

@@ -15,3 +15,7 @@ class DatasetError(SlimdetError):
 
 class CheckpointError(SlimdetError):
     """A checkpoint file is missing, unreadable, or does not match the model."""
+
+
+class ExportError(SlimdetError):
+    """A model could not be exported, or the exported graph disagrees with PyTorch."""

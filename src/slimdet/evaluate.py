@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from slimdet.data.dataset import collate
 from slimdet.errors import ConfigError, DatasetError
 from slimdet.models.base import Detector
 
@@ -121,7 +122,7 @@ def evaluate(
         raise ConfigError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
     detections: list[dict[str, Any]] = []
     was_training = model.training
@@ -163,11 +164,6 @@ def _to_coco(pred: dict[str, Tensor], target: dict[str, Any], cat_ids: Sequence[
         {"image_id": image_id, "category_id": int(cat_ids[lab]), "bbox": box, "score": float(s)}
         for box, s, lab in zip(xywh, scores, labels.tolist(), strict=True)
     ]
-
-
-def _collate(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[Tensor, list[dict[str, Any]]]:
-    images, targets = zip(*batch, strict=True)
-    return torch.stack(images), list(targets)
 
 
 def _complete_gt(coco_gt: dict[str, Any]) -> dict[str, Any]:

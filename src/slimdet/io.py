@@ -56,7 +56,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def save_checkpoint(path: str | Path, *, model_config: dict[str, Any], state_dict: dict[str, Any], **extra: Any) -> Path:
+def save_checkpoint(
+    path: str | Path, *, model_config: dict[str, Any], state_dict: dict[str, Any], **extra: Any
+) -> Path:
     """Save a state dict plus the config that rebuilds the model; loadable with ``weights_only=True``.
 
     ``extra`` holds plain data only (numbers, strings, lists, dicts, tensors): epoch, optimizer

@@ -31,6 +31,11 @@ from slimdet.models.base import Detector
 from slimdet.profiling.latency import torch_threads
 
 
+#: The documented command that trains the shipped baseline (``slimdet train <these> --out DIR``);
+#: benchmarks/bench_baseline.py times it and `slimdet demo --retrain` runs it.
+BASELINE_TRAIN_ARGS = ["--model", "yolo-s", "--data", "digits-det", "--epochs", "8"]
+
+
 class TrainConfig(BaseModel):
     """Options of one training or fine-tuning run."""
 

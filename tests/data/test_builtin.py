@@ -7,7 +7,6 @@ import pytest
 
 from slimdet.data import load_dataset
 from slimdet.data.builtin import DigitsDetConfig, build_digits_det, digit_pools
-
 from tests.conftest import TINY
 
 

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -10,6 +11,7 @@ from slimdet.evaluate import EvalResult, evaluate
 from slimdet.models import torchvision as tvm
 from slimdet.models.registry import MODELS, create_model, list_models, model_from_config
 from slimdet.profile import profile
+from slimdet.profiling import torch_threads
 
 # Every model registered by slimdet.models.torchvision, so that a new one is covered automatically.
 TV_MODELS = [n for n in list_models() if MODELS.get(n).__module__ == tvm.__name__]
@@ -35,7 +37,8 @@ def build(name: str, num_classes: int = C):
 @pytest.fixture(scope="module", params=TV_MODELS)
 def untrained(request):
     """One untrained model per registered name, shared by the tests that do not change it."""
-    return build(request.param).eval()
+    with torch_threads(1):  # set up before the per-test single-thread fixture of conftest.py
+        return build(request.param).eval()
 
 
 def test_the_registry_has_the_expected_torchvision_models():
@@ -47,9 +50,9 @@ def test_the_registry_has_the_expected_torchvision_models():
     }
 
 
-@pytest.mark.parametrize("name", TV_MODELS)
-def test_model_config_round_trips_through_json(name):
-    model = build(name).eval()
+def test_model_config_round_trips_through_json(untrained):
+    model = untrained
+    name = model.model_config["name"]
     assert model.model_config == {"name": name, "num_classes": C, "input_size": SIZE}
     assert (model.num_classes, model.input_size) == (C, SIZE)
     clone = model_from_config(json.loads(json.dumps(model.model_config))).eval()
@@ -68,12 +71,9 @@ def test_default_input_size_is_160_and_bad_sizes_fail_loudly():
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_forward_returns_only_tensors(untrained, mode):
-    model = untrained.train(mode == "train")
-    try:
-        with torch.no_grad():
-            raw = model(images())
-    finally:
-        model.eval()
+    model = copy.deepcopy(untrained).train(mode == "train")  # train mode updates batch-norm statistics
+    with torch.no_grad():
+        raw = model(images())
     assert isinstance(raw, tuple) and all(isinstance(t, torch.Tensor) for t in raw)
     assert all(t.shape[0] == 2 for t in raw)
     if isinstance(model, tvm.SingleStageDetector):
@@ -88,9 +88,8 @@ def test_forward_returns_only_tensors(untrained, mode):
         assert labels.dtype == torch.int64 and bool(((labels == -1) | (labels >= 1)).all())
 
 
-@pytest.mark.parametrize("name", TV_MODELS)
-def test_one_training_step_changes_the_weights(name):
-    model = build(name).train()
+def test_one_training_step_changes_the_weights(untrained):
+    model = copy.deepcopy(untrained).train()
     loss, parts = model.compute_loss(images(), TARGETS)
     assert loss.dim() == 0 and loss.requires_grad and math.isfinite(loss.item())
     assert parts and all(isinstance(v, float) and math.isfinite(v) for v in parts.values())

@@ -27,7 +27,8 @@ def test_forward_returns_one_raw_tensor_per_level(name):
 
 def test_registry_has_the_three_variants_in_size_order():
     assert {"yolo-test", "yolo-n", "yolo-s"} <= set(YOLOS)
-    sizes = [sum(p.numel() for p in create_model(n, num_classes=10).parameters()) for n in ("yolo-test", "yolo-n", "yolo-s")]
+    names = ("yolo-test", "yolo-n", "yolo-s")
+    sizes = [sum(p.numel() for p in create_model(n, num_classes=10).parameters()) for n in names]
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
 
 
@@ -81,7 +82,8 @@ def test_assignment_puts_positives_inside_their_box_only():
     a = len(pts)
     gt = torch.tensor([[[0.0, 0.0, 24.0, 24.0]]])
     pred = torch.tensor([[0.0, 0.0, 24.0, 24.0]]).expand(1, a, 4)
-    fg, tgt_boxes, tgt_scores = crit.assign(torch.full((1, a, 2), 0.5), pred, pts, gt, torch.tensor([[1]]), torch.tensor([[True]]))
+    scores = torch.full((1, a, 2), 0.5)
+    fg, tgt_boxes, tgt_scores = crit.assign(scores, pred, pts, gt, torch.tensor([[1]]), torch.tensor([[True]]))
     assert 0 < fg.sum() <= 5
     inside = (pts[:, 0] < 24) & (pts[:, 1] < 24)
     assert not (fg[0] & ~inside).any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,17 @@ class DetectionDataset(Dataset[tuple[torch.Tensor, Target]]):
             self._cache = [self._load(i) for i in range(len(self.records))]
             size_bytes = sum(im.nbytes for im, _, _ in self._cache)
             log.info("%s: cached %d images (%.1f MiB)", self.source, len(self._cache), size_bytes / 2**20)
+
+    def subset(self, count: int) -> DetectionDataset:
+        """A copy holding ``count`` evenly spaced items (deterministic), with its own ``coco_gt``."""
+        keep = np.unique(np.linspace(0, len(self) - 1, min(count, len(self))).round().astype(int)).tolist()
+        out = copy.copy(self)
+        out.records = [self.records[i] for i in keep]
+        out.image_ids = [self.image_ids[i] for i in keep]
+        out.coco_gt = build_coco_gt(out.records, self.class_names, self.cat_ids)
+        if self._cache is not None:
+            out._cache = [self._cache[i] for i in keep]
+        return out
 
     @property
     def num_classes(self) -> int:

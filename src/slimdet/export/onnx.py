@@ -29,15 +29,11 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from slimdet.errors import ConfigError, SlimdetError
+from slimdet.errors import ConfigError, ExportError
 
 INPUT_NAME = "images"
 #: the torch.export-based exporter has no operator implementations below this opset.
 DYNAMO_MIN_OPSET = 18
-
-
-class ExportError(SlimdetError):
-    """A model could not be exported, or the exported graph disagrees with PyTorch."""
 
 
 class Exporter(StrEnum):

@@ -45,6 +45,11 @@ class Detector(nn.Module):
     def loss(self, raw: Raw, targets: list[Target]) -> tuple[Tensor, dict[str, float]]:  # pragma: no cover
         raise NotImplementedError
 
+    def output_layers(self) -> list[str]:  # pragma: no cover - abstract
+        """Module names of the final prediction layers, whose output channels fix the output format
+        (class logits, box regression); compression keeps their outputs intact."""
+        raise NotImplementedError
+
     def compute_loss(self, images: Tensor, targets: list[Target]) -> tuple[Tensor, dict[str, float]]:
         """Total loss and its named parts for one batch; models whose loss needs the targets during
         the forward pass (two-stage detectors) override this."""

@@ -203,7 +203,7 @@ class SSDLiteAdapter(SingleStageDetector):
 
 
 class FCOSAdapter(SingleStageDetector):
-    """FCOS with a MobileNetV3-Large FPN backbone (P3-P7) from torchvision parts.
+    """FCOS from torchvision, on an FPN backbone with levels P3-P7.
 
     Raw output: ``(cls_logits, bbox_regression, bbox_ctrness)``, shapes ``B x P x num_classes``
     (sigmoid logits), ``B x P x 4`` (distances to the box sides, normalized by the point's level
@@ -226,7 +226,7 @@ class FCOSAdapter(SingleStageDetector):
 
 
 class RetinaNetAdapter(SingleStageDetector):
-    """RetinaNet with a MobileNetV3-Large FPN backbone (P3-P7) from torchvision parts.
+    """RetinaNet from torchvision, on an FPN backbone with levels P3-P7.
 
     Raw output: ``(cls_logits, bbox_regression)``, shapes ``B x A x num_classes`` (sigmoid logits)
     and ``B x A x 4`` (box deltas against the anchors, weights 1, 1, 1, 1); 9 anchors per location.
@@ -326,12 +326,6 @@ class FasterRCNNAdapter(TorchvisionDetector):
         ]
 
 
-def _no_resize(net: nn.Module, input_size: int, **extra: Any) -> None:
-    """Replace the model's transform by one that normalizes but never resizes."""
-    t = net.transform
-    net.transform = GeneralizedRCNNTransform(input_size, input_size, t.image_mean, t.image_std, **extra)
-
-
 def _mobilenet_fpn_p3_p7() -> nn.Module:
     """MobileNetV3-Large (random init) with an FPN on strides 8, 16, 32 and extra P6, P7 levels."""
     backbone = torchvision.models.mobilenet_v3_large(weights=None)
@@ -344,8 +338,9 @@ def ssdlite320_mobilenet_v3_large(num_classes: int, input_size: int = 160) -> SS
     """torchvision's SSDlite with a MobileNetV3-Large backbone, at ``input_size`` instead of 320."""
     check_input_size("ssdlite320_mobilenet_v3_large", input_size)
     net = tv_detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes + 1)
-    size = (input_size, input_size)
-    _no_resize(net, input_size, size_divisible=1, fixed_size=size)
+    # The builder fixes the size at 320; normalize as before but resize to (= keep) input_size.
+    t, size = net.transform, (input_size, input_size)
+    net.transform = GeneralizedRCNNTransform(*size, t.image_mean, t.image_std, size_divisible=1, fixed_size=size)
     return SSDLiteAdapter(net, num_classes=num_classes, input_size=input_size)
 
 
@@ -362,6 +357,26 @@ def retinanet_mobilenet_v3_fpn(num_classes: int, input_size: int = 160) -> Retin
     """RetinaNet (torchvision) on a MobileNetV3-Large FPN; torchvision's default anchors (32 to 512)."""
     check_input_size("retinanet_mobilenet_v3_fpn", input_size)
     net = tv_detection.RetinaNet(_mobilenet_fpn_p3_p7(), num_classes, min_size=input_size, max_size=input_size)
+    return RetinaNetAdapter(net, num_classes=num_classes, input_size=input_size)
+
+
+@register_model("fcos_resnet50_fpn")
+def fcos_resnet50_fpn(num_classes: int, input_size: int = 160) -> FCOSAdapter:
+    """torchvision's stock FCOS (ResNet-50 FPN, P3-P7)."""
+    check_input_size("fcos_resnet50_fpn", input_size)
+    net = tv_detection.fcos_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes, min_size=input_size, max_size=input_size
+    )
+    return FCOSAdapter(net, num_classes=num_classes, input_size=input_size)
+
+
+@register_model("retinanet_resnet50_fpn")
+def retinanet_resnet50_fpn(num_classes: int, input_size: int = 160) -> RetinaNetAdapter:
+    """torchvision's stock RetinaNet (ResNet-50 FPN, P3-P7, anchors 32 to 512)."""
+    check_input_size("retinanet_resnet50_fpn", input_size)
+    net = tv_detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes, min_size=input_size, max_size=input_size
+    )
     return RetinaNetAdapter(net, num_classes=num_classes, input_size=input_size)
 
 

@@ -67,7 +67,9 @@ class YoloLoss(nn.Module):
         gt_boxes, gt_labels, gt_mask = _pad_targets(targets, device=cls_logits.device)
         pred_boxes = decode_distances(box_logits, points, strides)
         with torch.no_grad():
-            fg, tgt_boxes, tgt_scores = self.assign(cls_logits.sigmoid(), pred_boxes, points, gt_boxes, gt_labels, gt_mask)
+            fg, tgt_boxes, tgt_scores = self.assign(
+                cls_logits.sigmoid(), pred_boxes, points, gt_boxes, gt_labels, gt_mask
+            )
         norm = tgt_scores.sum().clamp(min=1.0)
         loss_cls = F.binary_cross_entropy_with_logits(cls_logits, tgt_scores, reduction="sum") / norm
         if fg.any():

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field, field_validator
 
 from slimdet.models.base import Detector
@@ -30,7 +28,7 @@ def evaluate_step(ctx: RunContext, model: Detector, opts: EvaluateOptions) -> St
 
     dataset = ctx.dataset(opts.split)
     if opts.max_images is not None and opts.max_images < len(dataset):
-        dataset = subset(dataset, opts.max_images)
+        dataset = dataset.subset(opts.max_images)
     result = evaluate(
         model,
         dataset,
@@ -42,20 +40,6 @@ def evaluate_step(ctx: RunContext, model: Detector, opts: EvaluateOptions) -> St
     )
     metrics = {"split": opts.split, **result.to_dict()}
     return StepOutput(model, record={"split": opts.split, "num_images": len(dataset)}, metrics=metrics)
-
-
-def subset(dataset: Any, count: int) -> Any:
-    """A shallow copy of a DetectionDataset holding ``count`` evenly spaced items (deterministic)."""
-    from slimdet.data.records import build_coco_gt
-
-    keep = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int)).tolist()
-    out = copy.copy(dataset)
-    out.records = [dataset.records[i] for i in keep]
-    out.image_ids = [dataset.image_ids[i] for i in keep]
-    out.coco_gt = build_coco_gt(out.records, dataset.class_names, dataset.cat_ids)
-    if getattr(dataset, "_cache", None) is not None:
-        out._cache = [dataset._cache[i] for i in keep]
-    return out
 
 
 class ProfileOptions(StepOptions):
