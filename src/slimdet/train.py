@@ -30,7 +30,6 @@ from slimdet.io import atomic_write_json, load_checkpoint, save_checkpoint
 from slimdet.models.base import Detector
 from slimdet.profiling.latency import torch_threads
 
-
 #: The documented command that trains the shipped baseline (``slimdet train <these> --out DIR``);
 #: benchmarks/bench_baseline.py times it and `slimdet demo --retrain` runs it.
 BASELINE_TRAIN_ARGS = ["--model", "yolo-s", "--data", "digits-det", "--epochs", "8"]

@@ -7,10 +7,8 @@ import torch
 from torch import nn
 
 from slimdet.errors import ConfigError
-from slimdet.evaluate import EvalResult, evaluate
 from slimdet.models import torchvision as tvm
 from slimdet.models.registry import MODELS, create_model, list_models, model_from_config
-from slimdet.profile import profile
 from slimdet.profiling import torch_threads
 
 # Every model registered by slimdet.models.torchvision, so that a new one is covered automatically.
@@ -213,43 +211,3 @@ def test_faster_rcnn_loss_needs_the_images():
     model = build("fasterrcnn_mobilenet_v3_large_320_fpn")
     with pytest.raises(NotImplementedError, match="compute_loss"):
         model.loss(model(images()), TARGETS)
-
-
-class TinyDataset(torch.utils.data.Dataset):
-    """Two images following the DetectionDataset contract (no letterbox: original = input frame)."""
-
-    def __init__(self):
-        self.class_names, self.cat_ids, self.input_size, self.source = ["a", "b", "c"], [1, 2, 5], SIZE, "tiny"
-        self.image_ids = [7, 8]
-        anns = []
-        for image_id, t in zip(self.image_ids, TARGETS, strict=True):
-            for (x1, y1, x2, y2), lab in zip(t["boxes"].tolist(), t["labels"].tolist(), strict=True):
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": self.cat_ids[lab],
-                             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-        self.coco_gt = {
-            "images": [{"id": i, "height": SIZE, "width": SIZE} for i in self.image_ids],
-            "annotations": anns,
-            "categories": [{"id": c, "name": n} for c, n in zip(self.cat_ids, self.class_names, strict=True)],
-        }
-        x = images()
-        meta = [{"image_id": i, "orig_size": (SIZE, SIZE), "letterbox": (1.0, 0.0, 0.0)} for i in self.image_ids]
-        self.items = [(x[i], {**TARGETS[i], **meta[i]}) for i in range(2)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-def test_evaluate_and_profile_run(untrained):
-    result = evaluate(untrained, TinyDataset(), batch_size=2, progress=False)
-    assert isinstance(result, EvalResult) and result.num_images == 2
-    assert result.num_detections > 0 and 0.0 <= result.map <= result.map50 <= 1.0
-    assert set(result.per_class_ap) == {"a", "b", "c"}
-
-    prof = profile(untrained, batch_sizes=(1,), runs=2, warmup=1, onnx=False, progress=False)
-    assert prof.model == untrained.model_config["name"] and prof.input_size == SIZE
-    assert prof.params == sum(p.numel() for p in untrained.parameters())
-    assert prof.macs > 0 and prof.latency_for("torch-eager", 1).median_s > 0
-    assert not untrained.training

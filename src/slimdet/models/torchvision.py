@@ -138,7 +138,7 @@ class SingleStageDetector(TorchvisionDetector):
     def loss(self, raw: Raw, targets: list[Target]) -> tuple[Tensor, dict[str, float]]:
         """Torchvision's loss for these head outputs; the parts are named as torchvision names them."""
         tv_targets = to_torchvision_targets(targets, label_offset=self.label_offset, device=raw[0].device)
-        parts = self._torchvision_loss(dict(zip(self.head_keys, raw)), self._anchors(raw), tv_targets)
+        parts = self._torchvision_loss(dict(zip(self.head_keys, raw, strict=True)), self._anchors(raw), tv_targets)
         total = sum(parts.values())
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
@@ -147,7 +147,7 @@ class SingleStageDetector(TorchvisionDetector):
     ) -> list[Detections]:
         """Torchvision's decoding and per-class NMS with these thresholds; slimdet labels."""
         image_sizes = [(self.input_size, self.input_size)] * raw[0].shape[0]
-        head = dict(zip(self.head_keys, raw))
+        head = dict(zip(self.head_keys, raw, strict=True))
         with overridden(self.net, score_thresh=conf_thres, nms_thresh=iou_thres, detections_per_img=max_det):
             dets = self._torchvision_decode(head, self._anchors(raw), image_sizes)
         for d in dets:
@@ -183,7 +183,7 @@ class SSDLiteAdapter(SingleStageDetector):
     ) -> dict[str, Tensor]:
         net: SSD = self.net
         matched = []
-        for a, t in zip(anchors, targets):
+        for a, t in zip(anchors, targets, strict=True):
             if t["boxes"].numel() == 0:
                 matched.append(torch.full((a.shape[0],), -1, dtype=torch.int64, device=a.device))
             else:
@@ -264,7 +264,7 @@ class FasterRCNNAdapter(TorchvisionDetector):
                 p.training = training
             yield
         finally:
-            for p, was in zip(parts, saved):
+            for p, was in zip(parts, saved, strict=True):
                 p.training = was
 
     def forward(self, images: Tensor) -> Raw:
@@ -309,7 +309,7 @@ class FasterRCNNAdapter(TorchvisionDetector):
         """Strip the padding; apply ``conf_thres``, and ``iou_thres``/``max_det`` where they are
         stricter than the thresholds ``forward`` ran with."""
         out = []
-        for boxes, scores, labels in zip(*raw):
+        for boxes, scores, labels in zip(*raw, strict=True):
             keep = (labels >= 0) & (scores > conf_thres)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = batched_nms(boxes, scores, labels, iou_thres)[:max_det]
