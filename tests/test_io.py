@@ -81,3 +81,22 @@ def test_atomic_write_leaves_the_old_file_and_no_temp_file_on_failure(tmp_path):
         atomic_write(target, fail)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_recorded_transforms_are_replayed_when_loading(tmp_path, monkeypatch):
+    from torch import nn
+
+    from slimdet.models.registry import REPLAYERS, record_transform
+
+    def replay(model, entry):
+        model.extra = nn.Linear(entry["n"], 1)  # a structural change the state dict depends on
+        return model
+
+    monkeypatch.setitem(REPLAYERS._items, "test-grow", replay)
+    model = create_model("yolo-test", num_classes=3, input_size=64)
+    model = replay(model, {"n": 5})
+    record_transform(model, {"kind": "test-grow", "n": 5})
+    path = save_checkpoint(tmp_path / "m.pt", model_config=model.model_config, state_dict=model.state_dict())
+    rebuilt, _ = load_model(path)
+    assert rebuilt.extra.in_features == 5 and torch.equal(rebuilt.extra.weight, model.extra.weight)
+    assert rebuilt.model_config["transforms"] == [{"kind": "test-grow", "n": 5}]

@@ -1,4 +1,11 @@
-"""Models made by name: ``create_model("yolo-s", num_classes=10)``."""
+"""Models made by name: ``create_model("yolo-s", num_classes=10)``.
+
+A model's ``model_config`` rebuilds it: the registry name, the factory's keyword arguments, and,
+for a compressed model, the ordered list ``transforms`` of what was done to it (each a dict with a
+``kind`` and a plain-data record). ``model_from_config`` builds the original architecture and
+replays each transform with the replayer registered for its kind, so a pruned model is rebuilt from
+its record rather than unpickled.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ from slimdet.registry import Registry
 
 ModelFactory = Callable[..., Detector]
 MODELS: Registry[ModelFactory] = Registry("model")
+Replayer = Callable[[Detector, dict[str, Any]], Detector]
+REPLAYERS: Registry[Replayer] = Registry("model transform")
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -32,9 +41,30 @@ def create_model(name: str, num_classes: int, **kw: Any) -> Detector:
     return model
 
 
+def register_replay(kind: str) -> Callable[[Replayer], Replayer]:
+    """Register ``replay(model, entry) -> model`` that redoes a recorded transform of ``kind``."""
+    return REPLAYERS.register(kind)
+
+
+def record_transform(model: Detector, entry: dict[str, Any]) -> None:
+    """Append a transform (``{"kind": ..., plain data}``) to ``model.model_config``."""
+    if "kind" not in entry:
+        raise ValueError("a transform entry needs a 'kind'")
+    done = list(model.model_config.get("transforms", []))
+    model.model_config = {**model.model_config, "transforms": [*done, entry]}
+
+
 def model_from_config(config: dict[str, Any]) -> Detector:
+    """Build the registered architecture, then replay the recorded transforms in order."""
     cfg = dict(config)
-    return create_model(cfg.pop("name"), **cfg)
+    transforms = cfg.pop("transforms", [])
+    model = create_model(cfg.pop("name"), **cfg)
+    if transforms:
+        _import_builtin_transforms()
+    for entry in transforms:
+        model = REPLAYERS.get(entry["kind"])(model, entry)
+    model.model_config = dict(config)
+    return model
 
 
 def load_model(path: str | Path) -> tuple[Detector, dict[str, Any]]:
@@ -57,6 +87,14 @@ def load_model(path: str | Path) -> tuple[Detector, dict[str, Any]]:
             f"(first: {mismatched[0]!r})"
         )
     return model, payload
+
+
+def _import_builtin_transforms() -> None:
+    # The compression modules register their replayers on import.
+    import importlib.util
+
+    if importlib.util.find_spec("slimdet.compress") is not None:
+        import slimdet.compress  # noqa: F401
 
 
 def _import_builtin_models() -> None:
