@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -84,6 +86,22 @@ def summarize(runtime: str, batch_size: int, times_s: Sequence[float]) -> Latenc
     )
 
 
+@contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence the profiler backend's C++ log lines (its start/stop notices and a GPU probe that
+    fails on CPU-only machines), which bypass Python's sys.stderr, for the body only."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_forward_alloc_bytes(model: nn.Module, example: Tensor) -> int:
     """Peak bytes held by PyTorch's CPU allocator during one ``model(example)`` call.
 
@@ -96,7 +114,7 @@ def peak_forward_alloc_bytes(model: nn.Module, example: Tensor) -> int:
 
     with torch.no_grad():
         model(example)  # warm: lazy initialisation and weight reorders are not activations
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model(example)
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
