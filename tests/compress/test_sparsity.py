@@ -237,3 +237,31 @@ def test_invalid_configs_are_refused_with_a_clear_message(kw, match):
 def test_nothing_left_to_sparsify_raises():
     with pytest.raises(ConfigError, match="no layer left"):
         sparsify(_model(), SparsityConfig(ignore=(".*",)))
+
+
+def test_a_fresh_process_loads_sparse_and_pruned_checkpoints(tmp_path):
+    """load_model alone (no compress import by the caller) must find every transform's replayer."""
+    import subprocess
+    import sys
+
+    from slimdet.compress import PruneConfig, prune
+    from slimdet.io import save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("yolo-test", num_classes=3, input_size=64)
+    prune(model, PruneConfig(importance="l1", ratio=0.25), progress=False)
+    sparsify(model, SparsityConfig(mode="n_m", n=2, m=4))
+    path = save_checkpoint(tmp_path / "m.pt", model_config=model.model_config, state_dict=model.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model.eval()(x)[0], tmp_path / "y.pt")
+    code = (
+        "import sys, torch; from slimdet.models import load_model\n"
+        "m, _ = load_model(sys.argv[1]); x = torch.load(sys.argv[2]); y = torch.load(sys.argv[3])\n"
+        "assert 'slimdet.compress' in sys.modules\n"
+        "print(torch.equal(m.eval()(x)[0], y))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -6,6 +6,7 @@ compressed architectures from their records.
 
 from slimdet.compress.importance import IMPORTANCE, make_importance
 from slimdet.compress.prune import Allocation, PruneConfig, PruneResult, Scope, protected_layers, prune
+from slimdet.compress.sparsity import SparsityConfig, SparsityResult, make_permanent, sparse_storage_bytes, sparsify
 
 __all__ = [
     "IMPORTANCE",
@@ -13,7 +14,12 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "Scope",
+    "SparsityConfig",
+    "SparsityResult",
     "make_importance",
+    "make_permanent",
     "protected_layers",
     "prune",
+    "sparse_storage_bytes",
+    "sparsify",
 ]
