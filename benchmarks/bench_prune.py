@@ -8,9 +8,9 @@ Contenders, all starting from the shipped baseline and fine-tuned with the same 
   sensitivity allocation, output layers protected, round_to 8);
 * ``tp-magnitude-50``: torch-pruning's ``MagnitudePruner`` with one uniform ratio per layer (its
   README usage: L2 magnitude importance, the final prediction layers ignored, no rounding), the ratio bisected
-  to the same MACs target. Our C2f block needs two graph fixes before torch-pruning can cut it
-  correctly (the real concat sizes, and the split point kept in a Python int); both are applied,
-  nothing else of slimdet's selection is;
+  to the same MACs target. Our C2f block needs one graph fix before torch-pruning can cut it
+  correctly (the real sizes of a concat of channel slices); it is applied, nothing else of
+  slimdet's selection is;
 * ``slimdet-30``: slimdet's pruning to 30% of the MACs (a 70% reduction).
 
 Then: test-split mAP of each next to the baseline, and ONNX Runtime FP32 latency at batch 1,
@@ -104,7 +104,7 @@ def tp_uniform_magnitude(model, *, macs_ratio: float):  # noqa: ANN001, ANN201
     """torch-pruning's MagnitudePruner, one uniform ratio, bisected to ``macs_ratio`` of the MACs."""
     import torch_pruning as tp
 
-    from slimdet.compress.prune_graph import build_dependency_graph, sync_widths
+    from slimdet.compress.prune_graph import build_dependency_graph
 
     example = model.example_inputs(1)
     target = macs_ratio * count_macs(model)
@@ -116,7 +116,6 @@ def tp_uniform_magnitude(model, *, macs_ratio: float):  # noqa: ANN001, ANN201
                                            pruning_ratio=ratio, ignored_layers=ign)  # fmt: skip
         pruner.DG = build_dependency_graph(m, example)  # the C2f fixes (see the module docstring)
         pruner.step()
-        sync_widths(m)
         return m
 
     lo, hi = 0.0, 0.95

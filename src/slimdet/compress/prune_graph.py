@@ -8,12 +8,10 @@ left out. The graph also estimates the MACs and parameters of a candidate plan w
 and applies a plan, keeping Torch-Pruning's pruning history (root layer, out/in, channel indices),
 which :func:`replay_history` redoes on a freshly built architecture.
 
-Two things Torch-Pruning does not know about our models are fixed here:
-
-* ``torch.cat`` of channel slices (C2f's ``y[:, :h]``, ``y[:, h:]``): Torch-Pruning infers the
-  concat sizes through the slices and gets them wrong; the real sizes are recorded while tracing.
-* modules that keep a channel count in a Python attribute (C2f's ``hidden`` split point) are
-  re-synchronised with their convs after every prune (:func:`sync_widths`).
+One thing Torch-Pruning does not know about our models is fixed here: ``torch.cat`` of channel
+slices (C2f's ``y[:, :h]``, ``y[:, h:]``): Torch-Pruning infers the concat sizes through the slices
+and gets them wrong; the real sizes are recorded while tracing. (C2f reads its split point from its
+convs, so nothing else needs re-synchronising after a prune.)
 """
 
 from __future__ import annotations
@@ -102,16 +100,6 @@ def _faster_rcnn_trace(model: nn.Module, images: Tensor) -> tuple[Tensor, ...]:
     return (*objectness, *deltas, scores, box_deltas)
 
 
-def sync_widths(model: nn.Module) -> None:
-    """Update channel counts kept in Python attributes after the convs around them were pruned."""
-    from slimdet.models.yolo import C2f
-
-    for module in model.modules():
-        if isinstance(module, C2f):
-            # the second part feeds the first bottleneck, so what is left before it is the first part
-            module.hidden = module.cv1[0].out_channels - module.blocks[0].cv1[0].in_channels
-
-
 def build_dependency_graph(model: nn.Module, example_inputs: Tensor) -> tp.DependencyGraph:
     """Trace ``model`` (in eval mode, restored afterwards) and fix the concat sizes."""
     was_training = model.training
@@ -143,7 +131,6 @@ def replay_history(model: Detector, rounds: Sequence[Sequence[HistoryEntry]]) ->
             pruner = dg.get_pruner_of_module(module)
             fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
             dg.get_pruning_group(module, fn, [int(i) for i in idxs]).prune(record_history=False)
-            sync_widths(model)
     return model
 
 
@@ -320,7 +307,6 @@ class PruneGraph:
         if not self.dg.check_pruning_group(pruning_group):
             raise RuntimeError(f"pruning group {name!r} would remove every channel of a layer")
         pruning_group.prune()
-        sync_widths(self.model)
 
 
 def _keep_factor(module: nn.Module, out_lost: int, in_lost: int) -> float:

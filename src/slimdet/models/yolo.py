@@ -64,14 +64,16 @@ class C2f(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, n: int, shortcut: bool = True) -> None:
         super().__init__()
-        self.hidden = c_out // 2
-        self.cv1 = ConvBNAct(c_in, 2 * self.hidden)
-        self.blocks = nn.ModuleList(Bottleneck(self.hidden, shortcut) for _ in range(n))
-        self.cv2 = ConvBNAct((2 + n) * self.hidden, c_out)
+        hidden = c_out // 2
+        self.cv1 = ConvBNAct(c_in, 2 * hidden)
+        self.blocks = nn.ModuleList(Bottleneck(hidden, shortcut) for _ in range(n))
+        self.cv2 = ConvBNAct((2 + n) * hidden, c_out)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.cv1(x)
-        parts = [y[:, : self.hidden], y[:, self.hidden :]]
+        # the second part feeds the bottlenecks; read from the convs, so channel pruning keeps it right
+        split = self.cv1[0].out_channels - self.blocks[0].cv1[0].in_channels
+        parts = [y[:, :split], y[:, split:]]
         for block in self.blocks:
             parts.append(block(parts[-1]))
         return self.cv2(torch.cat(parts, dim=1))
