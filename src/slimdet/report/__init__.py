@@ -130,7 +130,7 @@ def load_report_data(run_dir: str | Path) -> ReportData:
     steps = [json.loads(_read(run_dir / e["dir"] / "record.json")) for e in state.get("finished", [])]
     layers: list[dict[str, Any]] = []
     for rec in steps:
-        if isinstance(rec.get("record"), dict) and rec["record"].get("layers"):
+        if rec.get("name") == "profile" and isinstance(rec.get("record"), dict) and rec["record"].get("layers"):
             layers = rec["record"]["layers"]
     return ReportData(
         run_dir=run_dir,

@@ -148,7 +148,7 @@ def _step(rec: dict[str, Any]) -> str:
 
 
 def _layers_table(layers: list[dict[str, Any]], limit: int = 1000) -> str:
-    keys = [k for k in ("name", "type", "output_shape", "params", "macs") if k in layers[0]] or list(layers[0])
+    keys = list(layers[0])
     head = "".join(f"<th>{escape(k)}</th>" for k in keys)
     rows = "".join(
         "<tr>" + "".join(f"<td>{escape(_cell(row.get(k)))}</td>" for k in keys) + "</tr>" for row in layers[:limit]
