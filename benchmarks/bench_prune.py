@@ -49,6 +49,7 @@ def main() -> int:
     from slimdet.data import load_dataset, make_loader
     from slimdet.evaluate import evaluate
     from slimdet.models import load_model
+    from slimdet.profiling.macs import total_macs
     from slimdet.train import TrainConfig, train
 
     torch.manual_seed(0)
@@ -87,7 +88,7 @@ def main() -> int:
     rows = {}
     for name, model in models.items():
         res = evaluate(model, test_ds, progress=False)
-        rows[name] = {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model),
+        rows[name] = {"params": sum(p.numel() for p in model.parameters()), "macs": total_macs(model, model.example_inputs(1)),
                       "test_map50": res.map50, "test_map": res.map, **info.get(name, {})}  # fmt: skip
     latency = ort_latency(models, runs=args.runs)
     for name in rows:
@@ -105,9 +106,10 @@ def tp_uniform_magnitude(model, *, macs_ratio: float):  # noqa: ANN001, ANN201
     import torch_pruning as tp
 
     from slimdet.compress.prune_graph import build_dependency_graph
+    from slimdet.profiling.macs import total_macs
 
     example = model.example_inputs(1)
-    target = macs_ratio * count_macs(model)
+    target = macs_ratio * total_macs(model, model.example_inputs(1))
 
     def pruned(ratio: float):  # noqa: ANN202
         m = copy.deepcopy(model)
@@ -121,14 +123,8 @@ def tp_uniform_magnitude(model, *, macs_ratio: float):  # noqa: ANN001, ANN201
     lo, hi = 0.0, 0.95
     for _ in range(12):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if count_macs(pruned(mid)) > target else (lo, mid)
+        lo, hi = (mid, hi) if total_macs(pruned(mid), example) > target else (lo, mid)
     return pruned(hi)
-
-
-def count_macs(model) -> int:  # noqa: ANN001
-    from slimdet.profiling.macs import layer_table
-
-    return sum(r.macs for r in layer_table(model, model.example_inputs(1)))
 
 
 def ort_latency(models: dict, *, runs: int) -> dict[str, dict[str, float]]:

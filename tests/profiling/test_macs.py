@@ -107,3 +107,13 @@ def test_yolo_test_total_agrees_with_torch_flop_counter():
         model(x)
     assert all(r.counted for r in rows)
     assert 2 * sum(r.macs for r in rows) == counter.get_total_flops() > 0
+
+
+def test_total_macs_counts_in_eval_mode_without_moving_batch_norm_statistics():
+    from slimdet.profiling.macs import total_macs
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16)).train()
+    before = model[1].running_mean.clone()
+    assert total_macs(model, torch.rand(1, 3, 160, 160)) == 80 * 80 * 16 * 3 * 9
+    assert torch.equal(model[1].running_mean, before) and model[1].num_batches_tracked.item() == 0
+    assert model.training

@@ -29,11 +29,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from slimdet.compress.importance import IMPORTANCE, Calib, make_importance
-from slimdet.compress.prune_graph import ROOT_TYPES, PruneGraph, macs_table, replay_history, resolve_names
+from slimdet.compress.prune_graph import ROOT_TYPES, PruneGraph, replay_history, resolve_names
 from slimdet.compress.prune_plan import Planner, search
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
 from slimdet.models.registry import record_transform, register_replay
+from slimdet.profiling.macs import total_macs
 from slimdet.registry import unknown_name_message
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ def prune(
         raise ConfigError(f"importance {cfg.importance!r} needs calibration batches: pass calib=[(images, targets)]")
     protected = protected_layers(model, cfg.ignore)
     before = _widths(model)
-    macs_before = _macs(model, example)
+    macs_before = total_macs(model, example[:1])
     params_before = sum(p.numel() for p in model.parameters())
     scan = _sensitivity(model, cfg, calib, protected, example, progress) if cfg.allocation == "sensitivity" else None
     weights = _weights(scan) if scan is not None else None
@@ -238,7 +239,7 @@ def prune(
     after = _widths(model)
     prunable = sum(before[n] for n in original_units)
     removed = sum(before[n] - after[n] for n in original_units) / prunable if prunable else 0.0
-    params_after, macs_after = sum(p.numel() for p in model.parameters()), _macs(model, example)
+    params_after, macs_after = sum(p.numel() for p in model.parameters()), total_macs(model, example[:1])
     key, value = cfg.target
     achieved = {"ratio": removed, "macs_ratio": macs_after / macs_before, "params_ratio": params_after / params_before}
     if abs(achieved[key] - value) > 0.02:
@@ -367,7 +368,3 @@ def _weights(scan: SensitivityResult) -> dict[str, float]:
 def _widths(model: nn.Module) -> dict[str, int]:
     return {n: (m.out_channels if hasattr(m, "out_channels") else m.out_features)
             for n, m in model.named_modules() if isinstance(m, ROOT_TYPES)}  # fmt: skip
-
-
-def _macs(model: nn.Module, example: Tensor) -> int:
-    return sum(r.macs for r in macs_table(model, example))

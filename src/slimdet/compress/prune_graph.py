@@ -186,7 +186,7 @@ class PruneGraph:
     @functools.cached_property
     def table(self) -> list[LayerProfile]:
         """The model's layer table before this round (for MAC estimates)."""
-        return macs_table(self.model, self.example_inputs)
+        return layer_table(self.model, self.example_inputs[:1])
 
     @property
     def macs(self) -> int:
@@ -320,16 +320,6 @@ def _keep_factor(module: nn.Module, out_lost: int, in_lost: int) -> float:
         out_f, in_f = module.out_features, module.in_features
         return (out_f - out_lost) / out_f * (in_f - in_lost) / in_f
     return 1.0
-
-
-def macs_table(model: nn.Module, example_inputs: Tensor) -> list[LayerProfile]:
-    """``layer_table`` at batch 1 in eval mode (batch-norm statistics untouched)."""
-    was_training = model.training
-    model.eval()
-    try:
-        return layer_table(model, example_inputs[:1])
-    finally:
-        model.train(was_training)
 
 
 def channel_step(round_to: int | None, ch_groups: int) -> int:

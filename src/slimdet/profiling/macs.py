@@ -93,7 +93,8 @@ def layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int |
 
 
 def layer_table(model: nn.Module, example: Tensor) -> list[LayerProfile]:
-    """Run ``model(example)`` once (no grad) and return one row per leaf-module call, in call order."""
+    """Run ``model(example)`` once (no grad, eval mode, training flag restored after) and return one
+    row per leaf-module call, in call order. Eval mode: counting must not move batch-norm statistics."""
     names = {m: n for n, m in model.named_modules()}
     rows: list[LayerProfile] = []
     calls: dict[str, int] = {}
@@ -118,13 +119,21 @@ def layer_table(model: nn.Module, example: Tensor) -> list[LayerProfile]:
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
             model(example)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return rows
+
+
+def total_macs(model: nn.Module, example: Tensor) -> int:
+    """MACs of one ``model(example)`` call, summed over the layer table."""
+    return sum(r.macs for r in layer_table(model, example))
 
 
 def _first_tensor(value: Any) -> Tensor | None:
