@@ -30,3 +30,26 @@ test: $(STAMP_TEST)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Benchmark-only environment (issue 4): the project plus NNCF, kept out of the project's dependencies.
+# The versions `pip install -e .` picked for torch, onnx and onnxruntime are frozen as constraints before
+# NNCF is installed, so NNCF cannot move them (pip fails instead).
+BENCH_VENV := benchmarks/.venv-bench
+BENCH_BIN := $(BENCH_VENV)/bin
+STAMP_BENCH := $(BENCH_VENV)/.installed-bench
+
+.PHONY: bench-env
+
+$(BENCH_BIN)/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "python3.11 not found; set PY=/path/to/python3.11" >&2; exit 1; }
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP_BENCH): $(BENCH_BIN)/python pyproject.toml benchmarks/requirements-quant.txt
+	$(BENCH_BIN)/pip install -q -e .
+	$(BENCH_BIN)/pip freeze --exclude-editable | grep -iE '^(torch|torchvision|onnx|onnxruntime|onnxscript|numpy)==' \
+		> $(BENCH_VENV)/constraints.txt
+	$(BENCH_BIN)/pip install -q -r benchmarks/requirements-quant.txt -c $(BENCH_VENV)/constraints.txt
+	@touch $@
+
+bench-env: $(STAMP_BENCH)

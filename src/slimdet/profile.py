@@ -165,7 +165,7 @@ def _measure(
     onnx_size = None
     if onnx:
         for b in sizes:  # one static-shape file per batch size: what a deployment would ship
-            exported = export_onnx(net, work / f"model_b{b}.onnx", batch_size=b, check=True)
+            exported = _export(net, work / f"model_b{b}.onnx", b)
             onnx_size = onnx_size if onnx_size is not None else exported.size_bytes
             sessions[b] = onnx_session(exported.path, threads, spinning=False)
 
@@ -199,6 +199,15 @@ def _measure(
         latency=tuple(stats),
         environment=_environment(),
     )
+
+
+def _export(net: nn.Module, path: Path, batch_size: int) -> Any:
+    """FP32 ONNX, or QDQ ONNX (int8 kernels in ONNX Runtime) for a quantized model."""
+    if getattr(net, "_quant_graph", None) is None:
+        return export_onnx(net, path, batch_size=batch_size, check=True)
+    from slimdet.export.qdq import export_qdq
+
+    return export_qdq(net, path, batch_size=batch_size, check=False)
 
 
 def _environment() -> dict[str, str]:

@@ -223,6 +223,8 @@ def _ema(model: nn.Module, decay: float) -> AveragedModel:
     """EMA of weights and buffers, with the decay ramped up over the first updates (as in YOLOv5)."""
 
     def avg(averaged: torch.Tensor, current: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():  # counters, quantization zero points: copy, never average
+            return current
         d = decay * (1 - math.exp(-float(num) / 200.0))
         return averaged * d + current * (1 - d)
 

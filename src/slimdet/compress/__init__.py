@@ -6,13 +6,17 @@ compressed architectures from their records.
 
 from slimdet.compress.importance import IMPORTANCE, make_importance
 from slimdet.compress.prune import Allocation, PruneConfig, PruneResult, Scope, protected_layers, prune
+from slimdet.compress.quant import LayerQuant, QuantConfig, QuantResult, quantize
 from slimdet.compress.sparsity import SparsityConfig, SparsityResult, make_permanent, sparse_storage_bytes, sparsify
 
 __all__ = [
     "IMPORTANCE",
     "Allocation",
+    "LayerQuant",
     "PruneConfig",
     "PruneResult",
+    "QuantConfig",
+    "QuantResult",
     "Scope",
     "SparsityConfig",
     "SparsityResult",
@@ -20,6 +24,7 @@ __all__ = [
     "make_permanent",
     "protected_layers",
     "prune",
+    "quantize",
     "sparse_storage_bytes",
     "sparsify",
 ]

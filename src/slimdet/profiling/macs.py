@@ -41,6 +41,9 @@ _ELEMENTWISE = (
 )
 
 
+_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+
+
 @dataclass(frozen=True)
 class LayerProfile:
     """One call of one leaf module during a batch-1 forward."""
@@ -87,7 +90,11 @@ def layer_macs(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int |
         return conv_macs(tuple(module.weight.shape), out_elements)
     if isinstance(module, nn.Linear):
         return linear_macs(module.weight.shape[1], module.weight.shape[0], out_elements)
-    if isinstance(module, _ELEMENTWISE) or not any(True for _ in module.parameters(recurse=False)):
+    if (
+        isinstance(module, _ELEMENTWISE)
+        or getattr(module, "counts_no_macs", False)  # e.g. fake quantizers: element-wise, own step sizes
+        or not any(True for _ in module.parameters(recurse=False))
+    ):
         return 0
     return None
 
@@ -117,7 +124,8 @@ def layer_table(model: nn.Module, example: Tensor) -> list[LayerProfile]:
             )
         )
 
-    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    # leaves, and layers that own their weights but hold helpers (a quantized conv's weight quantizer)
+    leaves = [m for m in model.modules() if next(m.children(), None) is None or isinstance(m, _WEIGHTED)]
     handles = [m.register_forward_hook(hook) for m in leaves]
     was_training = model.training
     model.eval()

@@ -37,7 +37,7 @@ def prune_step(ctx: RunContext, model: Detector, opts: PruneOptions) -> StepOutp
 
     cfg = PruneConfig(**{k: getattr(opts, k) for k in PruneConfig.model_fields})
     needs_calib = cfg.importance in ("taylor", "hessian") or cfg.allocation == "sensitivity"
-    calib = _calib_batches(ctx, opts) if needs_calib else None
+    calib = calib_batches(ctx, opts.calib_split, opts.calib_images, opts.calib_batches) if needs_calib else None
     finetune = _round_finetune(ctx, opts) if cfg.iterative_steps > 1 and opts.round_finetune_epochs else None
     result = prune(model, cfg, calib=calib, finetune=finetune, progress=ctx.progress)
     record = result.to_dict()
@@ -59,14 +59,15 @@ def prune_step(ctx: RunContext, model: Detector, opts: PruneOptions) -> StepOutp
     return StepOutput(model, record=record, metrics=metrics)
 
 
-def _calib_batches(ctx: RunContext, opts: PruneOptions) -> list[tuple[Any, Any]]:
+def calib_batches(ctx: RunContext, split: str, images: int, batches: int) -> list[tuple[Any, Any]]:
+    """``images`` evenly spaced images of ``split``, as ``batches`` (images, targets) batches."""
     from slimdet.data import make_loader
 
-    dataset = ctx.dataset(opts.calib_split)
-    if opts.calib_images < len(dataset):
-        dataset = dataset.subset(opts.calib_images)
-    batch_size = max(1, math.ceil(len(dataset) / opts.calib_batches))
-    return list(make_loader(dataset, batch_size=batch_size, shuffle=False))[: opts.calib_batches]
+    dataset = ctx.dataset(split)
+    if images < len(dataset):
+        dataset = dataset.subset(images)
+    batch_size = max(1, math.ceil(len(dataset) / batches))
+    return list(make_loader(dataset, batch_size=batch_size, shuffle=False))[:batches]
 
 
 def _round_finetune(ctx: RunContext, opts: PruneOptions) -> Callable[[Detector, int], None]:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from slimdet.errors import ConfigError
 from slimdet.models.base import Detector
 from slimdet.pipeline.steps import RunContext, StepOptions, StepOutput, register_step
 
@@ -106,10 +107,21 @@ class ExportOptions(StepOptions):
 
 @register_step("export", options=ExportOptions, changes_model=False)
 def export_step(ctx: RunContext, model: Detector, opts: ExportOptions) -> StepOutput:
-    """Export the current model (ONNX) into the run directory, checked against PyTorch."""
+    """Export the current model (ONNX) into the run directory, checked against PyTorch.
+
+    A quantized model is written in QDQ form (int8 weights, ONNX Runtime's integer kernels)."""
     from slimdet.export.onnx import export_onnx
 
     path = ctx.step_dir / opts.filename
+    if getattr(model, "_quant_graph", None) is not None:
+        from slimdet.export.qdq import export_qdq
+
+        if opts.dynamic_batch:
+            raise ConfigError(f"{ctx.where('dynamic_batch')}: a quantized model is exported with a fixed batch size")
+        qdq = export_qdq(model, path, batch_size=opts.batch_size, check=opts.check, opset=opts.opset)
+        record = {**qdq.to_dict(), "path": str(path.relative_to(ctx.run_dir))}
+        metrics = {"format": "onnx-qdq", "size_bytes": qdq.size_bytes, "max_abs_diff": qdq.max_abs_diff}
+        return StepOutput(model, record=record, metrics=metrics)
     result = export_onnx(
         model,
         path,

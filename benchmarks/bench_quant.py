@@ -1,0 +1,226 @@
+"""Quantization of the baseline yolo-s on digits-det, side by side in one run (issue 4).
+
+    make bench-env    # once: benchmarks/.venv-bench = the project + NNCF (a contender, not a dependency)
+    benchmarks/.venv-bench/bin/python benchmarks/bench_quant.py --part ptq
+    benchmarks/.venv-bench/bin/python benchmarks/bench_quant.py --part mp [--qat-epochs 2]
+
+``ptq``: W8A8 post-training quantization with the same float model and the same 256 calibration
+images (train split) for every contender:
+
+* ``slimdet``: ``QuantConfig()`` defaults (per-channel int8 weights, uint8 activations, percentile
+  calibrator, bias correction, detector-aware float tail), exported as QDQ ONNX;
+* ``ort-static``: ONNX Runtime's ``quantize_static`` with its default settings;
+* ``nncf``: ``nncf.quantize`` with its default settings (ONNX backend).
+
+Test-split mAP of each (all run by ONNX Runtime, plus slimdet's simulated model and the gap
+between the two) and ONNX Runtime latency at batch 1, every contender timed interleaved with the
+FP32 model in this process, at 1 and 2 threads.
+
+``mp``: mixed precision under a weight budget of 50% of uniform int8 (bits from {2, 4, 8} chosen
+by the integer program on Hessian-trace sensitivities), PTQ, then QAT with learned step sizes
+for ``--qat-epochs`` epochs (<= 5); test mAP after PTQ and after QAT, in the simulation and in
+ONNX Runtime. Writes benchmarks/results/quant_{ptq,mp}.json and RESULTS.md sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _common import RESULTS_DIR, ROOT, env_line, environment, write_json, write_section
+
+BASELINE = ROOT / "src" / "slimdet" / "assets" / "yolo-s_digits-det.pt"
+CALIB_IMAGES = 256
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["ptq", "mp"], required=True)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_quant")
+    parser.add_argument("--runs", type=int, default=300, help="timed runs per model and thread count")
+    parser.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs of the mixed-precision model (<= 5)")
+    parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from the JSON")
+    args = parser.parse_args()
+    name = f"quant_{args.part}"
+    if args.render_only:
+        payload = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+        write_section(name, (render_ptq if args.part == "ptq" else render_mp)(payload))
+        return 0
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = run_ptq(args) if args.part == "ptq" else run_mp(args)
+    write_json(name, payload)
+    text = (render_ptq if args.part == "ptq" else render_mp)(payload)
+    write_section(name, text)
+    print(text)
+    return 0
+
+
+def _data():  # noqa: ANN202
+    from slimdet.data import load_dataset, make_loader
+
+    calib_ds = load_dataset("digits-det", "train", input_size=160).subset(CALIB_IMAGES)
+    calib = list(make_loader(calib_ds, batch_size=32, shuffle=False))
+    test_ds = load_dataset("digits-det", "test", input_size=160)
+    return calib, test_ds
+
+
+def run_ptq(args: argparse.Namespace) -> dict:
+    from quant_contenders import nncf_quantize, ort_quantize_static, time_onnx_interleaved
+
+    from slimdet.compress.quant import QuantConfig, quantize
+    from slimdet.compress.quant.consistency import check_consistency
+    from slimdet.evaluate import evaluate
+    from slimdet.export.onnx import export_onnx
+    from slimdet.export.qdq import export_qdq
+    from slimdet.models import load_model
+    from slimdet.models.onnx import OrtDetector
+
+    baseline, _ = load_model(BASELINE)
+    baseline.eval()
+    calib, test_ds = _data()
+    images = torch.cat([b[0] for b in calib]).numpy()
+    files = {"fp32": args.out / "fp32.onnx"}
+    export_onnx(baseline, files["fp32"])
+    rows: dict[str, dict] = {"fp32": {"test_map50": evaluate(baseline, test_ds, progress=False).map50}}
+
+    t0 = time.perf_counter()
+    model = copy.deepcopy(baseline)
+    result = quantize(model, QuantConfig(), calib=calib)
+    files["slimdet"] = args.out / "slimdet_w8a8.onnx"
+    export_qdq(model, files["slimdet"])
+    quant_s = time.perf_counter() - t0
+    check = check_consistency(model, files["slimdet"], test_ds, raise_on_gap=False, progress=False)
+    rows["slimdet"] = {"test_map50": check.map50_runtime, "test_map50_simulated": check.map50_simulated,
+                       "gap_points": check.gap_points, "quantize_s": quant_s,
+                       "kept_float": result.kept_float}  # fmt: skip
+
+    t0 = time.perf_counter()
+    files["ort-static"] = ort_quantize_static(files["fp32"], args.out / "ort_static.onnx", images)
+    rows["ort-static"] = {"quantize_s": time.perf_counter() - t0}
+    try:
+        t0 = time.perf_counter()
+        files["nncf"] = nncf_quantize(files["fp32"], args.out / "nncf.onnx", images)
+        rows["nncf"] = {"quantize_s": time.perf_counter() - t0}
+    except Exception as exc:  # noqa: BLE001 - reported, not hidden
+        rows["nncf"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"nncf not run: {exc}", file=sys.stderr)
+    for name in ("fp32", "ort-static", "nncf"):
+        if name in files:
+            res = evaluate(OrtDetector(files[name], like=baseline), test_ds, progress=False)
+            rows[name]["test_map50_onnxruntime"] = res.map50
+            rows[name].setdefault("test_map50", res.map50)
+    for name, path in files.items():
+        rows[name]["size_bytes"] = path.stat().st_size
+    latency = {}
+    for threads in (1, 2):
+        timed = time_onnx_interleaved(files, baseline="fp32", threads=threads, runs=args.runs)
+        latency[str(threads)] = {"median_ms": {k: v * 1e3 for k, v in timed.median_s.items()}, "speedup": timed.speedup}
+    return {"command": "benchmarks/.venv-bench/bin/python benchmarks/bench_quant.py --part ptq",
+            "calib_images": CALIB_IMAGES, "test_images": len(test_ds), "rows": rows, "latency": latency,
+            "slimdet_config": result.config, "environment": environment(threads=None)}  # fmt: skip
+
+
+def run_mp(args: argparse.Namespace) -> dict:
+    from slimdet.compress.quant import QuantConfig, quantize
+    from slimdet.compress.quant.consistency import check_consistency
+    from slimdet.data import load_dataset
+    from slimdet.evaluate import evaluate
+    from slimdet.export.qdq import export_qdq
+    from slimdet.models import load_model
+    from slimdet.train import TrainConfig, train
+
+    if not 0 <= args.qat_epochs <= 5:
+        raise SystemExit("--qat-epochs must be in 0..5")
+    baseline, _ = load_model(BASELINE)
+    calib, test_ds = _data()
+    float_map = evaluate(baseline, test_ds, progress=False).map50
+    model = copy.deepcopy(baseline)
+    cfg = QuantConfig(weight_bytes_ratio=0.5, candidate_bits=(2, 4, 8), qat=True)
+    t0 = time.perf_counter()
+    result = quantize(model, cfg, calib=calib)
+    quant_s = time.perf_counter() - t0
+    ptq_map = evaluate(model, test_ds, progress=False).map50
+    train_s = 0.0
+    if args.qat_epochs:
+        train_ds = load_dataset("digits-det", "train", input_size=160, augment=True, cache_images=True)
+        val_ds = load_dataset("digits-det", "val", input_size=160)
+        t0 = time.perf_counter()
+        train(model, train_ds, val_ds, TrainConfig(epochs=args.qat_epochs, lr=1e-4, warmup_epochs=0, eval_every=0,
+                                                   threads=2), out_dir=args.out / "qat", resume=True)  # fmt: skip
+        train_s = time.perf_counter() - t0
+    path = args.out / "slimdet_mp.onnx"
+    export_qdq(model, path)
+    check = check_consistency(model, path, test_ds, raise_on_gap=False, progress=False)
+    bits = list(result.weight_bits.values())
+    return {"command": f"benchmarks/.venv-bench/bin/python benchmarks/bench_quant.py --part mp --qat-epochs {args.qat_epochs}",
+            "qat_epochs": args.qat_epochs, "test_images": len(test_ds), "float_map50": float_map, "ptq_map50": ptq_map,
+            "qat_map50_simulated": check.map50_simulated, "qat_map50_onnxruntime": check.map50_runtime,
+            "gap_points": check.gap_points, "weight_bytes": result.weight_bytes,
+            "weight_bytes_int8": result.weight_bytes_int8, "weight_bytes_ratio": result.weight_bytes_ratio,
+            "bits_histogram": {str(b): bits.count(b) for b in sorted(set(bits))}, "weight_bits": result.weight_bits,
+            "kept_float": result.kept_float, "quantize_s": quant_s, "qat_s": train_s, "onnx_size_bytes": path.stat().st_size,
+            "allocation": result.allocation, "environment": environment(threads=None)}  # fmt: skip
+
+
+def render_ptq(p: dict) -> str:
+    rows, lat = p["rows"], p["latency"]
+    fp = rows["fp32"]["test_map50"]
+    lines = [
+        "## Quantization: W8A8 post-training, slimdet vs ONNX Runtime vs NNCF",
+        "",
+        f"`{p['command']}` — yolo-s on digits-det, {p['calib_images']} calibration images (train), "
+        f"{p['test_images']} test images; mAP as run by ONNX Runtime; latency at batch 1, every model timed "
+        "interleaved with the FP32 model in one process (median ms; speed-up = FP32 median / median).",
+        "",
+        "| model | test mAP@.5 | Δ vs FP32 (points) | ONNX size | b1 latency, 1 thread | speed-up | b1 latency, 2 threads | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | not run: {r['error']} | | | | | | |")
+            continue
+        m = r.get("test_map50_onnxruntime", r["test_map50"])
+        l1, l2 = lat["1"], lat["2"]
+        lines.append(f"| {name} | {m:.4f} | {100 * (m - fp):+.2f} | {r['size_bytes'] / 1e6:.2f} MB | "
+                     f"{l1['median_ms'][name]:.2f} | {l1['speedup'][name]:.2f}x | {l2['median_ms'][name]:.2f} | "
+                     f"{l2['speedup'][name]:.2f}x |")  # fmt: skip
+    s = rows["slimdet"]
+    lines += ["", f"slimdet simulated mAP@.5 {s['test_map50_simulated']:.4f} vs ONNX Runtime int8 {s['test_map50']:.4f}: "
+              f"gap {s['gap_points']:.2f} points (check fails above 0.5). Kept in float by measurement: "
+              f"{', '.join(s['kept_float']) or 'nothing'}.", "", f"Environment: {env_line(p['environment'])}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def render_mp(p: dict) -> str:
+    hist = ", ".join(f"{b}-bit: {n}" for b, n in p["bits_histogram"].items())
+    return "\n".join([
+        "## Quantization: mixed precision under a 50% (of int8) weight budget, with QAT",
+        "",
+        f"`{p['command']}` — yolo-s on digits-det, {p['test_images']} test images.",
+        "",
+        "| | test mAP@.5 | Δ vs FP32 (points) |",
+        "|---|---|---|",
+        f"| FP32 | {p['float_map50']:.4f} | |",
+        f"| mixed precision, PTQ | {p['ptq_map50']:.4f} | {100 * (p['ptq_map50'] - p['float_map50']):+.2f} |",
+        f"| + {p['qat_epochs']} epochs QAT (simulated) | {p['qat_map50_simulated']:.4f} | "
+        f"{100 * (p['qat_map50_simulated'] - p['float_map50']):+.2f} |",
+        f"| + QAT, run by ONNX Runtime | {p['qat_map50_onnxruntime']:.4f} | "
+        f"{100 * (p['qat_map50_onnxruntime'] - p['float_map50']):+.2f} |",
+        "",
+        f"Weights: {p['weight_bytes'] / 1e3:,.0f} kB = {p['weight_bytes_ratio']:.1%} of uniform int8 "
+        f"({p['weight_bytes_int8'] / 1e3:,.0f} kB); layers by weight bits: {hist} (32 = kept in float: "
+        f"{', '.join(p['kept_float']) or 'none'}). Simulated vs ONNX Runtime gap {p['gap_points']:.2f} points. "
+        f"Quantization {p['quantize_s']:.0f} s, QAT {p['qat_s']:.0f} s.",
+        "",
+        f"Environment: {env_line(p['environment'])}",
+    ])  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""What to quantize and how: :class:`QuantConfig`, with per-layer overrides by name or regex."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slimdet.compress.quant.quantizers import ScaleType
+
+_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
+class Granularity(StrEnum):
+    CHANNEL = "per_channel"  # one weight step size per output channel
+    TENSOR = "per_tensor"
+
+
+class LayerQuant(BaseModel):
+    """Settings of the layers (and tensors) an override pattern matches; None keeps the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    granularity: Granularity | None = None
+    scale_type: ScaleType | None = None
+    #: keep the matched layers (weights and outputs) in float
+    float: bool = False
+
+    @field_validator("weight_bits", "act_bits")
+    @classmethod
+    def _bits(cls, value: int | None) -> int | None:
+        if value is not None and value not in _BITS:
+            raise ValueError(f"bits must be one of {list(_BITS)} (16 = fp16 pass-through), got {value}")
+        return value
+
+
+class QuantConfig(BaseModel):
+    """Simulated quantization of a detector's convs, linears and activations.
+
+    Defaults give W8A8: int8 symmetric per-channel weights, uint8 asymmetric activations, the
+    percentile calibrator, bias correction, and the detector's fragile tail layers found and kept in
+    float automatically.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    #: default bit-widths: 2..8, 1 (binary weights), 16 (fp16 pass-through)
+    weight_bits: int = 8
+    act_bits: int = 8
+    granularity: Granularity = Granularity.CHANNEL
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    #: grid of the weights: uniform, pow2 (shift-only hardware), levels (k-means), binary
+    scale_type: ScaleType = ScaleType.UNIFORM
+    #: activation range calibrator: minmax, percentile, mse, entropy
+    calibrator: str = "percentile"
+    calibrator_options: dict[str, float] = Field(default_factory=dict)
+    #: weight range: mse below 8 bits and minmax at 8 ("auto"), or one of them everywhere
+    weight_method: Literal["auto", "minmax", "mse"] = "auto"
+    #: layer name or regex (also matched against activation labels such as "heads.0/cat") -> settings
+    overrides: dict[str, LayerQuant] = Field(default_factory=dict)
+    #: layer names / labels or regexes kept in float, on top of what auto_keep finds
+    keep_float: list[str] = Field(default_factory=list)
+    #: measure which tail layers break detection at low precision and keep them in float
+    auto_keep: bool = True
+    #: keep a tensor float only if that removes at least this fraction of the quantization loss increase
+    auto_keep_min_gain: float = Field(0.05, ge=0, le=1)
+    auto_keep_max: int = Field(6, ge=0)
+    #: correct the expected output shift that weight rounding causes (Nagel et al., ICCV 2019)
+    bias_correction: bool = True
+    #: learned rounding (AdaRound, Nagel et al., ICML 2020); None: on for weights below 8 bits
+    adaround: bool | None = None
+    adaround_iters: int = Field(300, ge=1)
+    #: learnable step sizes for quantization-aware training (LSQ); train afterwards
+    qat: bool = False
+    calib_batches: int = Field(8, ge=1)
+    #: mixed precision: weight bytes at most this fraction of uniform int8 (None: no search)
+    weight_bytes_ratio: float | None = Field(None, gt=0, le=4)
+    #: mixed precision: bit-operations at most this fraction of uniform W8A8
+    bitops_ratio: float | None = Field(None, gt=0, le=4)
+    candidate_bits: tuple[int, ...] = (2, 4, 8)
+    #: per-layer sensitivity for mixed precision: Hessian trace (Hutchinson) or measured distortion
+    sensitivity: Literal["hessian", "distortion"] = "hessian"
+
+    @field_validator("weight_bits", "act_bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value not in _BITS:
+            raise ValueError(f"bits must be one of {list(_BITS)} (16 = fp16 pass-through), got {value}")
+        return value
+
+    @field_validator("candidate_bits")
+    @classmethod
+    def _candidates(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [b for b in value if b not in range(2, 9)]
+        if bad or not value:
+            raise ValueError(f"candidate_bits must be integer bit-widths in 2..8, got {list(value)}")
+        return tuple(sorted(set(value)))
+
+    @field_validator("calibrator")
+    @classmethod
+    def _known_calibrator(cls, value: str) -> str:
+        from slimdet.compress.quant.calibrate import CALIBRATORS
+        from slimdet.errors import ConfigError
+
+        try:
+            CALIBRATORS.get(value)
+        except ConfigError as exc:  # pydantic reports ValueErrors with the field's location
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _override_patterns(cls, value: Any) -> Any:
+        for pattern in value or {}:
+            _compile(pattern)
+        return value
+
+    @field_validator("keep_float")
+    @classmethod
+    def _keep_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            _compile(pattern)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantConfig:
+        if (self.weight_bits == 1) != (self.scale_type == ScaleType.BINARY):
+            raise ValueError("binary weights: use weight_bits=1 together with scale_type='binary'")
+        if self.act_bits == 1:
+            raise ValueError("act_bits=1 is not supported (binary weights only)")
+        return self
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.weight_bytes_ratio is not None or self.bitops_ratio is not None
+
+    def layer(self, name: str) -> LayerQuant:
+        """The override settings that apply to ``name`` (later patterns win, exact names last)."""
+        merged: dict[str, Any] = {}
+        for pattern, settings in self.overrides.items():
+            if matches(pattern, name):
+                merged.update(settings.model_dump(exclude_defaults=True))
+        return LayerQuant(**merged)
+
+    def kept_float(self, name: str) -> bool:
+        return any(matches(p, name) for p in self.keep_float) or self.layer(name).float
+
+
+def matches(pattern: str, name: str) -> bool:
+    """A pattern matches a layer name or activation label exactly, as a regex, or as the label's layer
+    part (``heads.0/cat`` and ``backbone.stem.2:sigmoid`` belong to ``heads.0`` and ``backbone.stem.2``)."""
+    base = re.split(r"[/:]", name, maxsplit=1)[0]
+    return pattern in (name, base) or bool(_compile(pattern).fullmatch(name) or _compile(pattern).fullmatch(base))
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"invalid layer pattern {pattern!r}: {exc}") from None

@@ -1,0 +1,334 @@
+"""``quantize(model, QuantConfig(...), calib=...) -> QuantResult``: simulated quantization of a detector.
+
+Steps, in order: trace and fold BN, place quantizers (:mod:`.graph`); with a mixed-precision
+budget, measure each layer's sensitivity and choose its weight bits by an integer program
+(:mod:`.mixed`); calibrate activation ranges on the calibration batches and fit the weight grids;
+learned rounding for low-bit weights and bias correction (:mod:`.ptq`); find the tail layers where
+low precision breaks detection and keep them in float (:mod:`.keep`). The model records the
+resolved per-tensor settings, so ``load_model`` rebuilds the same quantized graph.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from slimdet.compress.importance import Calib, eval_mode
+from slimdet.compress.quant.calibrate import RangeObserver, calibrate
+from slimdet.compress.quant.config import Granularity, QuantConfig
+from slimdet.compress.quant.graph import Point, build, output_keys, quantizers, set_mode
+from slimdet.compress.quant.quantizers import Mode, Quantizer, ScaleType
+from slimdet.errors import CheckpointError, ConfigError
+from slimdet.models.base import Detector
+from slimdet.models.registry import record_transform, register_replay
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """What quantization did: bits per layer, what was kept in float and why, and the cost."""
+
+    config: dict[str, Any]
+    weight_bits: dict[str, int]  # conv/linear -> weight bits (32: kept float)
+    act_bits: dict[str, int]  # activation label -> bits (32: kept float)
+    kept_float: dict[str, str]  # label -> why it was kept in float
+    folded_bn: tuple[str, ...]
+    weight_bytes: float  # weights at their chosen bits (float layers at 4 bytes per weight)
+    weight_bytes_int8: float  # the same weights all at 8 bits
+    weight_bytes_fp32: float
+    bitops: float  # sum over layers of MACs x weight bits x input bits
+    bitops_w8a8: float
+    calib_loss_float: float | None
+    calib_loss_quant: float | None
+    time_s: float
+    record: dict[str, Any]
+    allocation: dict[str, Any] | None = None  # the mixed-precision solution, when searched
+    sensitivity: dict[str, dict[int, float]] | None = None
+    steps: dict[str, Any] = field(default_factory=dict)  # adaround / bias correction summaries
+
+    @property
+    def weight_bytes_ratio(self) -> float:
+        return self.weight_bytes / self.weight_bytes_int8
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weight_bytes_ratio"] = self.weight_bytes_ratio
+        if self.sensitivity is not None:
+            d["sensitivity"] = {k: {str(b): v for b, v in s.items()} for k, s in self.sensitivity.items()}
+        return d
+
+    def to_text(self) -> str:
+        lines = [
+            f"quantized: weights {self.weight_bytes / 1e3:,.1f} kB ({self.weight_bytes_ratio:.1%} of int8, "
+            f"{self.weight_bytes / self.weight_bytes_fp32:.1%} of fp32), bitops {self.bitops / self.bitops_w8a8:.1%} "
+            f"of W8A8; calibration loss {self.calib_loss_float} -> {self.calib_loss_quant}",
+            f"kept in float: {', '.join(self.kept_float) or 'nothing'}",
+        ]
+        lines += [f"  {k}: {v}" for k, v in self.kept_float.items()]
+        lines.append(f"{'layer':<48} {'w bits':>6}")
+        lines += [f"{n[:48]:<48} {b:>6}" for n, b in self.weight_bits.items()]
+        return "\n".join(lines)
+
+
+def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress: bool = True) -> QuantResult:
+    """Quantize ``model`` in place (simulated: fake quantizers) and record how.
+
+    Args:
+        model: a registered detector whose forward torch.fx can trace.
+        cfg: bit-widths, grids, calibrator, overrides, budgets.
+        calib: (images, targets) batches; the first ``cfg.calib_batches`` calibrate the ranges and
+            drive the sensitivity, AdaRound, bias correction and auto-keep measurements. Targets
+            are used by the loss-based measurements only.
+        progress: progress bars for the longer phases.
+
+    Raises:
+        ConfigError: no calibration data, an untraceable model, an override that matches nothing,
+            an unreachable mixed-precision budget.
+    """
+    start = time.perf_counter()
+    batches = list(calib or [])[: cfg.calib_batches]
+    if not batches:
+        raise ConfigError("quantize needs calibration batches: pass calib=[(images, targets), ...]")
+    _check_patterns(model, cfg)
+    loss_float = _loss(model, batches)
+    specs: dict[str, dict[str, Any]] = {}
+
+    def make(point: Point) -> Quantizer:
+        spec = _spec(cfg, point)
+        specs[point.key] = spec
+        return _quantizer(spec)
+
+    points, folded = build(model, make)
+    for p in points:  # patterns of the user's keep list and float overrides: off from the start
+        if cfg.kept_float(p.label) or (p.layer and cfg.kept_float(p.layer)):
+            quantizers(model)[p.key].mode = Mode.OFF
+
+    steps: dict[str, Any] = {}
+    kept = {p.label: "user: keep_float / override" for p in points
+            if p.kind != "shared" and quantizers(model)[p.key].mode == Mode.OFF}  # fmt: skip
+    allocation = sensitivity = None
+    if cfg.mixed_precision:
+        # The float tail is found first (at the default bits), so that the budget counts it.
+        _calibrate(model, cfg, points, batches, progress)
+        kept.update(_auto_keep(model, cfg, points, batches, progress))
+        from slimdet.compress.quant.mixed import choose_bits
+
+        allocation, sensitivity = choose_bits(model, cfg, points, batches, progress=progress)
+        for layer, bits in allocation.bits.items():
+            key = next(p.key for p in points if p.kind == "weight" and p.layer == layer)
+            specs[key] = {**specs[key], "bits": bits}
+            _replace_quantizer(model, key, _quantizer(specs[key]))
+
+    _calibrate(model, cfg, points, batches, progress)
+    from slimdet.compress.quant import ptq
+
+    low_bits = any(s["bits"] < 8 for s in specs.values() if s["kind"] == "weight")
+    if cfg.adaround if cfg.adaround is not None else low_bits:
+        steps["adaround"] = ptq.adaround(model, points, batches, iters=cfg.adaround_iters, progress=progress)
+    if cfg.bias_correction:
+        steps["bias_correction"] = ptq.bias_correction(model, points, batches)
+    if not cfg.mixed_precision:
+        kept.update(_auto_keep(model, cfg, points, batches, progress))
+    if cfg.qat:
+        for q in quantizers(model).values():
+            q.scale.requires_grad_(q.source is None and q.scale_type in (ScaleType.UNIFORM, ScaleType.POW2))
+
+    record = {
+        "kind": "quantize",
+        "version": RECORD_VERSION,
+        "folded_bn": folded,
+        "specs": specs,
+        "modes": {k: str(q.mode) for k, q in quantizers(model).items()},
+        "qat": cfg.qat,
+    }
+    record_transform(model, record)
+    costs = cost_summary(model, points)
+    return QuantResult(
+        config=cfg.model_dump(mode="json"),
+        weight_bits=costs.pop("weight_bits"),
+        act_bits=costs.pop("act_bits"),
+        kept_float=kept,
+        folded_bn=tuple(folded),
+        **costs,
+        calib_loss_float=loss_float,
+        calib_loss_quant=_loss(model, batches),
+        time_s=time.perf_counter() - start,
+        record=record,
+        allocation=allocation.to_dict() if allocation is not None else None,
+        sensitivity=sensitivity,
+        steps=steps,
+    )
+
+
+def _auto_keep(
+    model: Detector, cfg: QuantConfig, points: list[Point], batches: Calib, progress: bool
+) -> dict[str, str]:
+    if not cfg.auto_keep or cfg.auto_keep_max == 0:
+        return {}
+    from slimdet.compress.quant.keep import auto_keep
+
+    return auto_keep(model, points, batches, min_gain=cfg.auto_keep_min_gain, max_keep=cfg.auto_keep_max,
+                     progress=progress)  # fmt: skip
+
+
+@register_replay("quantize")
+def replay_quantize(model: Detector, entry: dict[str, Any]) -> Detector:
+    """Rebuild the quantized graph from its record (``load_model``); scales come with the state dict."""
+    if entry.get("version") != RECORD_VERSION:
+        raise CheckpointError(f"quantize record version {entry.get('version')!r} is not {RECORD_VERSION}")
+    specs, modes = entry["specs"], entry["modes"]
+    missing: list[str] = []
+
+    def make(point: Point) -> Quantizer:
+        if point.key not in specs:
+            missing.append(point.key)
+            return _quantizer({"kind": point.kind, "bits": 8, "signed": False, "symmetric": False,
+                               "channels": None, "scale_type": "uniform", "narrow": False})  # fmt: skip
+        return _quantizer(specs[point.key])
+
+    build(model, make)
+    if missing or set(specs) != set(quantizers(model)):
+        raise CheckpointError(
+            f"quantize record does not fit model {model.model_config.get('name')!r}: "
+            f"{len(missing)} tensors of the traced graph are not in the record, "
+            f"{len(set(specs) - set(quantizers(model)))} recorded tensors are not in the graph"
+        )
+    for key, q in quantizers(model).items():
+        q.mode = Mode(modes[key])
+        if entry.get("qat"):
+            q.scale.requires_grad_(q.source is None and q.scale_type in (ScaleType.UNIFORM, ScaleType.POW2))
+    return model
+
+
+def _spec(cfg: QuantConfig, point: Point) -> dict[str, Any]:
+    name = point.layer or point.label
+    over = cfg.layer(name)
+    if point.kind == "weight":
+        bits = over.weight_bits or cfg.weight_bits
+        scale_type = over.scale_type or cfg.scale_type
+        if bits == 1:
+            scale_type = ScaleType.BINARY
+        elif scale_type == ScaleType.BINARY:
+            scale_type = ScaleType.UNIFORM  # an override gave more bits to a layer of a binary model
+        per_channel = (over.granularity or cfg.granularity) == Granularity.CHANNEL or scale_type == ScaleType.BINARY
+        return {"kind": "weight", "bits": bits, "signed": cfg.weight_symmetric, "symmetric": cfg.weight_symmetric,
+                "channels": point.shape[0] if per_channel else None, "scale_type": str(scale_type),
+                "narrow": cfg.weight_symmetric}  # fmt: skip
+    bits = over.act_bits or cfg.act_bits
+    scale_type = ScaleType.POW2 if (over.scale_type or cfg.scale_type) == ScaleType.POW2 else ScaleType.UNIFORM
+    return {"kind": point.kind, "bits": bits, "signed": cfg.act_symmetric, "symmetric": cfg.act_symmetric,
+            "channels": None, "scale_type": str(scale_type), "narrow": False}  # fmt: skip
+
+
+def _quantizer(spec: dict[str, Any]) -> Quantizer:
+    q = Quantizer(spec["bits"], signed=spec["signed"], symmetric=spec["symmetric"], channels=spec["channels"],
+                  scale_type=ScaleType(spec["scale_type"]), narrow=spec["narrow"])  # fmt: skip
+    q.kind = spec["kind"]
+    return q
+
+
+def _replace_quantizer(model: Detector, key: str, new: Quantizer) -> None:
+    old = quantizers(model)[key]
+    new.label, new.kind, new.mode = old.label, old.kind, old.mode
+    model.quant[key] = new
+    for m in model.modules():
+        if getattr(m, "weight_quant", None) is old:
+            m.weight_quant = new
+    holder = getattr(model._quant_graph, "quant", None)  # the traced graph calls activation quantizers only
+    if holder is not None and hasattr(holder, key):
+        setattr(holder, key, new)
+
+
+@torch.no_grad()
+def _calibrate(model: Detector, cfg: QuantConfig, points: list[Point], batches: Calib, progress: bool) -> None:
+    qs = quantizers(model)
+    acts = [p for p in points if p.kind == "act" and qs[p.key].mode != Mode.OFF and not qs[p.key].fp16]
+    saved = {k: q.mode for k, q in qs.items()}
+    for q in qs.values():
+        q.mode = Mode.OFF
+    for p in acts:
+        qs[p.key].observer = RangeObserver()
+        qs[p.key].mode = Mode.OBSERVE
+    with eval_mode(model):
+        for images, _ in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
+            model(images)
+    options = dict(cfg.calibrator_options)
+    outputs = output_keys(model)
+    for p in acts:
+        q = qs[p.key]
+        # The raw predictions are never clipped: a clipped box logit moves a box, a clipped class
+        # logit changes a score's rank. Every other tensor uses the configured calibrator.
+        method, opts = ("minmax", {}) if p.key in outputs else (cfg.calibrator, options)
+        lo, hi = calibrate(q.observer, method, bits=q.bits, symmetric=q.symmetric, **opts)
+        q.set_range(lo, hi)
+        q.observer = None
+    for key, q in qs.items():
+        q.mode = saved[key]
+    for p in points:
+        if p.kind == "weight":
+            q = qs[p.key]
+            method = cfg.weight_method if cfg.weight_method != "auto" else ("mse" if q.bits < 8 else "minmax")
+            q.fit_weight(model.get_submodule(p.layer).weight, method)
+
+
+def _loss(model: Detector, batches: Calib) -> float | None:
+    try:
+        with torch.no_grad(), eval_mode(model):
+            values = [float(model.compute_loss(images, targets)[0]) for images, targets in batches]
+    except Exception:  # noqa: BLE001 - a model without a usable loss on these batches: not reported
+        return None
+    return sum(values) / len(values)
+
+
+def _check_patterns(model: Detector, cfg: QuantConfig) -> None:
+    """Every override / keep pattern must match a module of the model (a typo must not pass silently)."""
+    from slimdet.compress.quant.config import matches
+
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in [*cfg.overrides, *cfg.keep_float]:
+        if pattern in ("input",) or any(matches(pattern, n) for n in names):
+            continue
+        raise ConfigError(f"QuantConfig: pattern {pattern!r} matches no layer of "
+                          f"{model.model_config.get('name', type(model).__name__)!r}")  # fmt: skip
+
+
+def cost_summary(model: Detector, points: list[Point]) -> dict[str, Any]:
+    """Weight bytes and bit-operations of the quantized model at batch 1."""
+    from slimdet.profiling.macs import layer_table
+
+    qs = quantizers(model)
+    fq = {k: q for k, q in qs.items()}
+    with eval_mode(model):
+        table = {r.name: r for r in layer_table(model, model.example_inputs(1))}
+    weight_bits, act_bits = {}, {}
+    wbytes = wbytes8 = wbytes32 = bitops = bitops8 = 0.0
+    for p in points:
+        q = fq[p.key]
+        bits = 32 if q.mode == Mode.OFF else (16 if q.fp16 else q.bits)
+        if p.kind == "act":
+            act_bits[p.label] = bits
+        if p.kind != "weight":
+            continue
+        layer = model.get_submodule(p.layer)
+        n = layer.weight.numel()
+        weight_bits[p.layer] = bits
+        wbytes += n * bits / 8
+        wbytes8 += n
+        wbytes32 += 4 * n
+        iq = getattr(layer, "input_quant", None)
+        in_bits = 32 if iq is None or iq.mode == Mode.OFF else (16 if iq.fp16 else iq.bits)
+        macs = table[p.layer].macs if p.layer in table else 0
+        bitops += macs * bits * in_bits
+        bitops8 += macs * 64
+    return {"weight_bits": weight_bits, "act_bits": act_bits, "weight_bytes": wbytes, "weight_bytes_int8": wbytes8,
+            "weight_bytes_fp32": wbytes32, "bitops": bitops, "bitops_w8a8": bitops8}  # fmt: skip
+
+
+def set_quant_mode(model: Detector, mode: Mode | str) -> None:
+    """Switch every quantizer (e.g. ``"off"`` to run the folded float model)."""
+    set_mode(model, Mode(mode))

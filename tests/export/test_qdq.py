@@ -1,0 +1,92 @@
+"""QDQ export of a quantized detector: integer weights, ONNX Runtime's int8 kernels, the consistency
+check, and the integer-only reference against the simulation."""
+
+import copy
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from slimdet.compress.quant import QuantConfig, quantize
+from slimdet.compress.quant.consistency import QuantConsistencyError, check_consistency
+from slimdet.data.dataset import collate
+from slimdet.errors import ExportError
+from slimdet.export.golden import GoldenModel, compare_layers
+from slimdet.export.hwpackage import export_hw_package, load_hw_package
+from slimdet.export.qdq import export_qdq
+
+
+@pytest.fixture(scope="module")
+def quantized(fitted_tiny, tiny_test_ds):
+    images, targets = collate([tiny_test_ds[i] for i in range(len(tiny_test_ds))])
+    model = copy.deepcopy(fitted_tiny)
+    cfg = QuantConfig(overrides={r"neck\..*": {"weight_bits": 4}}, auto_keep=False, adaround=False)
+    quantize(model, cfg, calib=[(images, targets)], progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def qdq_file(quantized, tmp_path_factory):
+    path = tmp_path_factory.mktemp("qdq") / "int8.onnx"
+    result = export_qdq(quantized, path)
+    return path, result
+
+
+def test_weights_are_stored_as_integers_and_ort_runs_int8_kernels(quantized, qdq_file, tmp_path):
+    path, result = qdq_file
+    convs = sum(1 for m in quantized.modules() if isinstance(m, torch.nn.Conv2d))
+    assert result.int8_weights == convs and result.int32_biases == convs
+    proto = onnx.load(str(path))
+    ints = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert len(ints) == convs
+    neck = sum(1 for n, m in quantized.named_modules() if n.startswith("neck.") and isinstance(m, torch.nn.Conv2d))
+    narrow = [i for i in ints if np.abs(numpy_helper.to_array(i)).max() <= 7]
+    assert len(narrow) == neck  # the 4-bit layers' codes sit inside the int8 container
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert {"QLinearConv", "QLinearSigmoid", "QLinearMul", "QLinearConcat"} <= ops
+    assert "Conv" not in ops  # every conv runs in int8
+    assert result.max_diff_steps is not None and result.max_diff_steps < 8  # runtime vs simulation, in output steps
+
+
+def test_float_model_cannot_be_exported_as_qdq(fitted_tiny, tmp_path):
+    with pytest.raises(ExportError, match="not quantized"):
+        export_qdq(fitted_tiny, tmp_path / "x.onnx")
+
+
+def test_consistency_check_passes_and_fails_on_a_broken_file(quantized, qdq_file, tiny_test_ds, tmp_path):
+    path, _ = qdq_file
+    ok = check_consistency(quantized, path, tiny_test_ds, progress=False)
+    assert ok.gap_points <= 0.5 and ok.map50_simulated > 0.05
+    proto = onnx.load(str(path))
+    for init in proto.graph.initializer:  # flip the class predictions of every level: a wrong deployment
+        if "cls_pred" in init.name and init.data_type == onnx.TensorProto.INT8:
+            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(proto, str(broken))
+    with pytest.raises(QuantConsistencyError, match="gap of"):
+        check_consistency(quantized, broken, tiny_test_ds, progress=False)
+
+
+def test_integer_reference_matches_the_simulation_within_one_lsb(quantized, qdq_file, tiny_test_ds, tmp_path):
+    path, _ = qdq_file
+    images = np.stack([tiny_test_ds[i][0].numpy() for i in range(2)]).astype(np.float32)
+    golden = GoldenModel.from_onnx(path)
+    match = compare_layers(golden, path, images[:1])
+    assert match.max_lsb <= 1, match.to_text(5)
+    assert len(match.layers) > 100
+    # the golden model's outputs agree with the PyTorch simulation
+    with torch.no_grad():
+        sim = quantized(torch.from_numpy(images[:1]))
+    got = golden.run(images[:1])
+    for name, ref in zip(sorted(got), sim, strict=True):
+        step = float(ref.max() - ref.min()) / 255
+        assert np.abs(got[name] - ref.numpy()).max() <= 4 * step
+    pkg = load_hw_package(export_hw_package(golden, tmp_path / "hw"))
+    assert pkg.verify() == 0
