@@ -1,5 +1,6 @@
-"""Exporters: ONNX FP32 (more formats join here as they are written)."""
+"""Exporters: ONNX FP32, QDQ ONNX for integer runtimes, the integer-only reference's hardware package."""
 
 from slimdet.export.onnx import Exporter, ExportError, ExportResult, export_onnx, onnx_session
+from slimdet.export.qdq import QdqExportResult, export_qdq
 
-__all__ = ["ExportError", "ExportResult", "Exporter", "export_onnx", "onnx_session"]
+__all__ = ["ExportError", "ExportResult", "Exporter", "QdqExportResult", "export_onnx", "export_qdq", "onnx_session"]
