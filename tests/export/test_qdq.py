@@ -23,7 +23,7 @@ from slimdet.export.qdq import export_qdq
 def quantized(fitted_tiny, tiny_test_ds):
     images, targets = collate([tiny_test_ds[i] for i in range(len(tiny_test_ds))])
     model = copy.deepcopy(fitted_tiny)
-    cfg = QuantConfig(overrides={r"neck\..*": {"weight_bits": 4}}, auto_keep=False, adaround=False)
+    cfg = QuantConfig(overrides={r"neck\..*": {"weight_bits": 4}}, auto_keep=False, adaround=False, runtime_aware=False)
     quantize(model, cfg, calib=[(images, targets)], progress=False)
     return model.eval()
 
@@ -90,3 +90,10 @@ def test_integer_reference_matches_the_simulation_within_one_lsb(quantized, qdq_
         assert np.abs(got[name] - ref.numpy()).max() <= 4 * step
     pkg = load_hw_package(export_hw_package(golden, tmp_path / "hw"))
     assert pkg.verify() == 0
+
+
+def test_profile_times_the_int8_file_not_the_simulation(quantized):
+    from slimdet.profile import ORT, profile
+
+    result = profile(quantized, batch_sizes=(1,), runs=2, warmup=0, progress=False)
+    assert {s.runtime for s in result.latency} == {ORT} and result.onnx_size_bytes > 0

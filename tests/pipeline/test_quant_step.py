@@ -16,7 +16,7 @@ def _recipe(tiny_digits, steps):
 
 
 def test_quantize_step_writes_int8_onnx_checks_it_and_checkpoints_round_trip(tiny_digits, tmp_path):
-    quant = {"calib_images": 8, "calib_batches": 2, "check_split": "test", "adaround": False,
+    quant = {"calib_images": 8, "calib_batches": 2, "check_split": "test", "adaround": False, "runtime_aware": False,
              "overrides": {"heads\\..*": {"weight_bits": 4}}}  # fmt: skip
     steps = [{"quantize": quant}, {"export": {"filename": "final.onnx"}}]
     result = run_recipe(_recipe(tiny_digits, steps), out_dir=tmp_path / "run", progress=False)
@@ -29,6 +29,9 @@ def test_quantize_step_writes_int8_onnx_checks_it_and_checkpoints_round_trip(tin
     assert 4 <= metrics["mean_weight_bits"] < 8
     assert (step / "model_int8.onnx").is_file() and (step / "weight_bits.png").stat().st_size > 1000
     assert rec["record"]["weight_bits"]["heads.0.box_pred"] in (4, 32)
+    assert {row["layer"] for row in rec["record"]["layers"]} == set(rec["record"]["weight_bits"])
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 1 and "weight bits" in html  # the per-layer bits plot
 
     model, _ = load_model(step / "model.pt")
     assert len(quantizers(model)) == len(quantizers(result.model)) > 100

@@ -136,7 +136,7 @@ def export_onnx(
     return _describe(path, exporter=used, max_abs_diff=max_diff)
 
 
-def onnx_session(path: str | Path, threads: int, *, spinning: bool = False) -> ort.InferenceSession:
+def onnx_session(path: str | Path | bytes, threads: int, *, spinning: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads and no inter-op parallelism.
 
     ``spinning=False`` makes idle worker threads sleep instead of busy-waiting after each run
@@ -150,7 +150,8 @@ def onnx_session(path: str | Path, threads: int, *, spinning: bool = False) -> o
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)  # a file, or a serialized model
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _random_input(model: nn.Module, batch_size: int, seed: int = 0) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from html import escape
+from pathlib import Path
 from typing import Any
 
 from slimdet.report import ReportData, StageSummary, latency_columns, plots, table_rows
@@ -38,7 +39,7 @@ def render_html(data: ReportData) -> str:
         "<h2>Plots</h2>",
         _plots(data),
         "<h2>Steps</h2>",
-        *(_step(rec) for rec in data.steps),
+        *(_step(rec, data.run_dir) for rec in data.steps),
         "" if data.steps else '<p class="muted">no finished steps</p>',
         "<h2>Resolved recipe</h2>",
         f"<pre>{escape(data.recipe_text)}</pre>",
@@ -123,28 +124,41 @@ def _plots(data: ReportData) -> str:
         (plots.per_class_ap(data.stages), "per-class AP@[.5:.95]"),
         (plots.layer_macs(data.layers), "layers with the most MACs (latest profile)"),
     ]
-    out = [
-        f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{plots.png_base64(png)}">'
-        f"<figcaption>{escape(caption)}</figcaption></figure>"
-        for png, caption in figures
-        if png is not None
-    ]
+    out = [_figure(png, caption) for png, caption in figures if png is not None]
     return "".join(out) or '<p class="muted">no plots: the run has no evaluate and profile results yet</p>'
 
 
-def _step(rec: dict[str, Any]) -> str:
+def _step(rec: dict[str, Any], run_dir: Path) -> str:
     label = rec.get("dir", "").rsplit("/", 1)[-1] or str(rec.get("name"))
     changed = " · new model stage" if rec.get("changes_model") else ""
     summary = f"{label} — {rec.get('time_s', 0):.1f} s — stage {rec.get('stage')}{changed}"
     record = dict(rec.get("record") or {})
     layers = record.pop("layers", None)
+    figures = _step_figures(record, run_dir)
     blocks = [("options", rec.get("options")), ("metrics", rec.get("metrics")), ("record", record)]
     body = "".join(
         f"<p>{name}</p><pre>{escape(_json(value))}</pre>" for name, value in blocks if value not in (None, {}, [])
     )
     if layers:
         body += f"<p>layers ({len(layers)})</p>" + _layers_table(layers)
-    return f"<details><summary>{escape(summary)}</summary>{body}</details>"
+    return f"<details{' open' if figures else ''}><summary>{escape(summary)}</summary>{figures}{body}</details>"
+
+
+def _step_figures(record: dict[str, Any], run_dir: Path) -> str:
+    """The PNG plots a step wrote (record keys ending in ``_plot``: paths relative to the run folder)."""
+    out = []
+    for key, rel in record.items():
+        path = run_dir / str(rel) if key.endswith("_plot") and isinstance(rel, str) else None
+        if path is not None and path.suffix == ".png" and path.is_file():
+            out.append(_figure(path.read_bytes(), key[: -len("_plot")].replace("_", " ")))
+    return "".join(out)
+
+
+def _figure(png: bytes, caption: str) -> str:
+    return (
+        f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{plots.png_base64(png)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
 
 
 def _layers_table(layers: list[dict[str, Any]], limit: int = 1000) -> str:

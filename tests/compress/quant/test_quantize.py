@@ -24,6 +24,11 @@ def calib(tiny_test_ds):
     return [(images[:3], targets[:3]), (images[3:], targets[3:])]
 
 
+def _cfg(**kw) -> QuantConfig:
+    """Without the runtime timing (it depends on this machine's load); tested on its own below."""
+    return QuantConfig(runtime_aware=False, **kw)
+
+
 def _x() -> torch.Tensor:
     return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 
@@ -45,7 +50,7 @@ CASES = [(c, "per_channel") for c in CALIBRATORS.names()] + [("minmax", "per_ten
 def test_w8a8_is_close_to_float_for_every_calibrator_and_granularity(fitted_tiny, calib, calibrator, granularity):
     model = copy.deepcopy(fitted_tiny)
     ref = _outputs(model)
-    cfg = QuantConfig(calibrator=calibrator, granularity=granularity, auto_keep=False, bias_correction=False)
+    cfg = _cfg(calibrator=calibrator, granularity=granularity, auto_keep=False, bias_correction=False)
     result = quantize(model, cfg, calib=calib, progress=False)
     convs = [n for n, m in fitted_tiny.named_modules() if isinstance(m, nn.Conv2d)]
     assert set(result.weight_bits) == set(convs) and all(b == 8 for b in result.weight_bits.values())
@@ -64,7 +69,7 @@ def test_lower_bits_cost_accuracy_and_bytes(fitted_tiny, calib):
     errors, sizes = {}, {}
     for bits in (8, 4, 2):
         model = copy.deepcopy(fitted_tiny)
-        r = quantize(model, QuantConfig(weight_bits=bits, auto_keep=False, adaround_iters=20), calib=calib,
+        r = quantize(model, _cfg(weight_bits=bits, auto_keep=False, adaround_iters=20), calib=calib,
                      progress=False)  # fmt: skip
         errors[bits], sizes[bits] = _rel_error(_outputs(model), ref), r.weight_bytes
     assert errors[8] < errors[4] < errors[2]
@@ -73,7 +78,7 @@ def test_lower_bits_cost_accuracy_and_bytes(fitted_tiny, calib):
 
 def test_overrides_and_keep_float_by_regex(fitted_tiny, calib):
     model = copy.deepcopy(fitted_tiny)
-    cfg = QuantConfig(overrides={r"backbone\..*": {"weight_bits": 4}}, keep_float=["heads.0.cls_pred"],
+    cfg = _cfg(overrides={r"backbone\..*": {"weight_bits": 4}}, keep_float=["heads.0.cls_pred"],
                       auto_keep=False, adaround=False)  # fmt: skip
     r = quantize(model, cfg, calib=calib, progress=False)
     assert {n: b for n, b in r.weight_bits.items() if n.startswith("backbone.")} and all(
@@ -112,7 +117,7 @@ def test_no_calibration_data_and_untraceable_models_fail_clearly(fitted_tiny):
 
 def test_mixed_precision_meets_the_weight_budget(fitted_tiny, calib):
     model = copy.deepcopy(fitted_tiny)
-    r = quantize(model, QuantConfig(weight_bytes_ratio=0.5, candidate_bits=(2, 4, 8), adaround_iters=20),
+    r = quantize(model, _cfg(weight_bytes_ratio=0.5, candidate_bits=(2, 4, 8), adaround_iters=20),
                  calib=calib, progress=False)  # fmt: skip
     assert r.weight_bytes <= 0.5 * r.weight_bytes_int8 + 1e-6
     assert r.allocation is not None and r.allocation["status"]
@@ -124,7 +129,7 @@ def test_auto_keep_finds_a_broken_tail_tensor_by_measurement(fitted_tiny, calib)
     from slimdet.compress.quant.keep import auto_keep
 
     model = copy.deepcopy(fitted_tiny)
-    quantize(model, QuantConfig(auto_keep=False), calib=calib, progress=False)
+    quantize(model, _cfg(auto_keep=False), calib=calib, progress=False)
     points = _points(model)
     units = tail_units(model, points)
     assert {"heads.1/cat", "heads.1.box_pred", "heads.1.cls_pred"} <= set(units)
@@ -151,7 +156,7 @@ def _points(model):
 
 def test_qat_trains_step_sizes_and_checkpoint_replays(fitted_tiny, calib, tmp_path):
     model = copy.deepcopy(fitted_tiny)
-    quantize(model, QuantConfig(weight_bits=4, qat=True, adaround=False), calib=calib, progress=False)
+    quantize(model, _cfg(weight_bits=4, qat=True, adaround=False), calib=calib, progress=False)
     scales = [q.scale for q in quantizers(model).values() if q.scale.requires_grad]
     assert scales
     before = [s.detach().clone() for s in scales]
@@ -173,10 +178,33 @@ def test_ema_copy_keeps_integer_zero_points(fitted_tiny, calib):
     from slimdet.train import _ema
 
     model = copy.deepcopy(fitted_tiny)
-    quantize(model, QuantConfig(auto_keep=False), calib=calib, progress=False)
+    quantize(model, _cfg(auto_keep=False), calib=calib, progress=False)
     ema = _ema(model, 0.999)
     for _ in range(3):
         ema.update_parameters(model)
     for (name, a), b in zip(model.state_dict().items(), ema.module.state_dict().values(), strict=True):
         if not a.is_floating_point():
             assert torch.equal(a, b), name
+
+
+def test_runtime_aware_keeps_float_only_layers_measured_slower_in_int8(fitted_tiny, calib, monkeypatch):
+    from slimdet.compress.quant import runtime
+
+    def fake_latency(conv, shape, *, silu, runs=30):  # the stem (3 input channels) loses in int8
+        return {"fp32": 1e-4, "int8": 3e-4 if shape[1] == 3 else 0.5e-4}
+
+    monkeypatch.setattr(runtime, "layer_latency", fake_latency)
+    model = copy.deepcopy(fitted_tiny)
+    r = quantize(model, QuantConfig(auto_keep=False), calib=calib, progress=False)
+    assert [n for n, b in r.weight_bits.items() if b == 32] == ["backbone.stem.0"]
+    assert "int8 300 us vs fp32 100 us" in r.kept_float["backbone.stem.0"]
+    modes = {q.label: q.mode for q in quantizers(model).values() if q.kind != "weight"}
+    assert modes["input"] == modes["backbone.stem.0"] == modes["backbone.stem.2:sigmoid"] == Mode.OFF
+    assert modes["backbone.stem.2"] == Mode.QUANT  # the SiLU output feeds int8 layers
+
+
+def test_layer_latency_times_both_graphs_of_a_real_conv():
+    from slimdet.compress.quant.runtime import layer_latency
+
+    t = layer_latency(nn.Conv2d(8, 16, 3, padding=1), (1, 8, 16, 16), silu=True, runs=3)
+    assert set(t) == {"fp32", "int8"} and all(v > 0 for v in t.values())

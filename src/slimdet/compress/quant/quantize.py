@@ -111,6 +111,10 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
     steps: dict[str, Any] = {}
     kept = {p.label: "user: keep_float / override" for p in points
             if p.kind != "shared" and quantizers(model)[p.key].mode == Mode.OFF}  # fmt: skip
+    if cfg.runtime_aware:
+        from slimdet.compress.quant.runtime import runtime_fallback
+
+        kept.update(runtime_fallback(model, progress=progress))
     allocation = sensitivity = None
     if cfg.mixed_precision:
         # The float tail is found first (at the default bits), so that the budget counts it.

@@ -51,7 +51,9 @@ def quantize_step(ctx: RunContext, model: Detector, opts: QuantizeOptions) -> St
     record: dict[str, Any] = result.to_dict()
     (ctx.step_dir / "quantize.txt").write_text(result.to_text() + "\n")
     plot = plot_bits(result.weight_bits, ctx.step_dir / "weight_bits.png", title="weight bits per layer (32 = float)")
-    record["bits_plot"] = str(plot.relative_to(ctx.run_dir))
+    record["weight_bits_plot"] = str(plot.relative_to(ctx.run_dir))
+    record["layers"] = [{"layer": name, "weight_bits": bits, "params": model.get_submodule(name).weight.numel()}
+                        for name, bits in result.weight_bits.items()]  # fmt: skip
     metrics: dict[str, Any] = {
         "weight_bytes": result.weight_bytes,
         "weight_bytes_ratio_int8": result.weight_bytes_ratio,
