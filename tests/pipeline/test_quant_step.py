@@ -53,3 +53,29 @@ def test_quantize_step_options_are_validated(tiny_digits):
         load_recipe(_recipe(tiny_digits, [{"quantize": {"weight_bits": 9}}]))
     with pytest.raises(ConfigError, match="calib_image"):
         load_recipe(_recipe(tiny_digits, [{"quantize": {"calib_image": 3}}]))
+
+
+def test_qat_recipe_trains_step_sizes_through_finetune(tiny_digits, tmp_path):
+    quant = {"calib_images": 8, "calib_batches": 2, "weight_bits": 4, "qat": True, "adaround": False,
+             "runtime_aware": False, "auto_keep": False, "check": False}  # fmt: skip
+    finetune = {"epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "val_split": None, "threads": 1}
+    steps = [{"quantize": quant}, {"finetune": finetune}]
+    run_recipe(_recipe(tiny_digits, steps), out_dir=tmp_path / "run", progress=False)
+    before, _ = load_model(tmp_path / "run" / "steps" / "00_quantize" / "model.pt")
+    after, _ = load_model(tmp_path / "run" / "steps" / "01_finetune" / "model.pt")
+    scales = [(a.scale, b.scale) for a, b in zip(quantizers(before).values(), quantizers(after).values(), strict=True)
+              if b.scale.requires_grad]  # fmt: skip
+    assert scales and any(not torch.equal(a, b) for a, b in scales)  # LSQ step sizes learned
+    zeros = [(a.zero_point, b.zero_point) for a, b in zip(quantizers(before).values(), quantizers(after).values(),
+                                                          strict=True)]  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zeros)  # integer zero points untouched by the EMA
+
+
+def test_hw_package_needs_every_layer_integer(tiny_digits, tmp_path):
+    quant = {"calib_images": 8, "calib_batches": 2, "adaround": False, "runtime_aware": False, "check": False,
+             "keep_float": ["heads.0.cls_pred"], "hw_package": True}  # fmt: skip
+    with pytest.raises(ConfigError, match="every layer in integers"):
+        run_recipe(_recipe(tiny_digits, [{"quantize": quant}]), out_dir=tmp_path / "a", progress=False)
+    quant.update(keep_float=[], auto_keep=False)
+    run_recipe(_recipe(tiny_digits, [{"quantize": quant}]), out_dir=tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "steps" / "00_quantize" / "hw_package" / "manifest.json").is_file()

@@ -70,17 +70,23 @@ def auto_keep(
     max_keep: int = 6,
     depth: int = 2,
     measure_batches: int = 2,
+    weights: bool = True,
     progress: bool = True,
 ) -> dict[str, str]:
     """Switch to float the tail units whose quantization costs the most detection loss.
 
     Returns {unit label: reason}. ``min_gain`` is the fraction of the loss increase (quantized minus
     float, on ``measure_batches`` calibration batches) that keeping a unit in float must remove.
+    With ``weights=False`` only activations are candidates (under a mixed-precision budget the
+    integer program decides the weights' precision).
     """
     qs = quantizers(model)
     batches = list(batches)[:measure_batches]
-    units = {u: keys for u, keys in tail_units(model, points, depth).items()
-             if all(qs[k].mode == Mode.QUANT for k in keys)}  # fmt: skip
+    units = {}
+    for unit, keys in tail_units(model, points, depth).items():
+        keys = [k for k in keys if weights or qs[k].kind != "weight"]
+        if keys and all(qs[k].mode == Mode.QUANT for k in keys):
+            units[unit] = keys
     saved = {k: q.mode for k, q in qs.items()}
     for q in qs.values():
         q.mode = Mode.OFF

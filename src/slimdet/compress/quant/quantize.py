@@ -117,9 +117,10 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
         kept.update(runtime_fallback(model, progress=progress))
     allocation = sensitivity = None
     if cfg.mixed_precision:
-        # The float tail is found first (at the default bits), so that the budget counts it.
+        # Float activations of the tail are found first (at the default bits); the weights' precision
+        # is then the integer program's to choose, under the budget.
         _calibrate(model, cfg, points, batches, progress)
-        kept.update(_auto_keep(model, cfg, points, batches, progress))
+        kept.update(_auto_keep(model, cfg, points, batches, progress, weights=False))
         from slimdet.compress.quant.mixed import choose_bits
 
         allocation, sensitivity = choose_bits(model, cfg, points, batches, progress=progress)
@@ -170,14 +171,14 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
 
 
 def _auto_keep(
-    model: Detector, cfg: QuantConfig, points: list[Point], batches: Calib, progress: bool
+    model: Detector, cfg: QuantConfig, points: list[Point], batches: Calib, progress: bool, *, weights: bool = True
 ) -> dict[str, str]:
     if not cfg.auto_keep or cfg.auto_keep_max == 0:
         return {}
     from slimdet.compress.quant.keep import auto_keep
 
     return auto_keep(model, points, batches, min_gain=cfg.auto_keep_min_gain, max_keep=cfg.auto_keep_max,
-                     progress=progress)  # fmt: skip
+                     weights=weights, progress=progress)  # fmt: skip
 
 
 @register_replay("quantize")
@@ -278,6 +279,33 @@ def _calibrate(model: Detector, cfg: QuantConfig, points: list[Point], batches: 
             q = qs[p.key]
             method = cfg.weight_method if cfg.weight_method != "auto" else ("mse" if q.bits < 8 else "minmax")
             q.fit_weight(model.get_submodule(p.layer).weight, method)
+    _bias_headroom(model)
+
+
+@torch.no_grad()
+def _bias_headroom(model: Detector) -> None:
+    """Widen input grids so that every bias fits the int32 accumulator (step ``s_in * s_w``) with 2x headroom.
+
+    A nearly dead input (a tiny calibrated range) would otherwise push ``b / (s_in * s_w)`` past 2^31:
+    the integer kernel's accumulator overflows (the golden model reports it).
+    """
+    need: dict[int, tuple[Quantizer, float]] = {}
+    for m in model.modules():
+        iq, wq = getattr(m, "input_quant", None), getattr(m, "weight_quant", None)
+        if iq is None or wq is None or m.bias is None or wq.scale_type in (ScaleType.LEVELS,) or wq.fp16:
+            continue
+        root = iq
+        while root.source is not None:
+            root = root.source
+        ratio = float((m.bias.abs() / wq.scale.detach().expand(m.bias.shape)).max()) / 2**30
+        if ratio > need.get(id(root), (root, 0.0))[1]:
+            need[id(root)] = (root, ratio)
+    for q, min_scale in need.values():
+        if float(q.scale) < min_scale:
+            lo = float((q.qmin - q.zero_point) * q.scale)
+            hi = float((q.qmax - q.zero_point) * q.scale)
+            factor = min_scale / float(q.scale)
+            q.set_range(lo * factor, hi * factor)
 
 
 def _loss(model: Detector, batches: Calib) -> float | None:

@@ -187,7 +187,7 @@ class Quantizer(nn.Module):
         rows = self.per_channel or per_row
         qmin, qmax = (-128, 127) if self.signed else (0, 255)
         if self.frozen and not rows:  # python numbers: the exporter writes scalar constants
-            scale, zero = float(self.scale), int(self.zero_point)
+            scale, zero = float(self.scale.detach()), int(self.zero_point)
             if self.bits < 8 or self.narrow:
                 x = torch.clamp(x, (self.qmin - zero) * scale, (self.qmax - zero) * scale)
             return torch.fake_quantize_per_tensor_affine(x, scale, zero, qmin, qmax)

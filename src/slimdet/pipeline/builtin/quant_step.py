@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from slimdet.compress.quant.config import QuantConfig
+from slimdet.errors import ConfigError
 from slimdet.models.base import Detector
 from slimdet.pipeline.builtin.compress import calib_batches
 from slimdet.pipeline.steps import RunContext, StepOutput, register_step
@@ -75,6 +76,12 @@ def quantize_step(ctx: RunContext, model: Detector, opts: QuantizeOptions) -> St
         metrics.update(map50_simulated=check.map50_simulated, map50_onnxruntime=check.map50_runtime,
                        consistency_gap_points=check.gap_points, onnx_int8_size_bytes=exported.size_bytes)  # fmt: skip
     if opts.hw_package:
+        if result.kept_float:
+            raise ConfigError(
+                f"{ctx.where('hw_package')}: the integer-only reference needs every layer in integers, but "
+                f"{', '.join(result.kept_float)} stayed float; set auto_keep: false and runtime_aware: false "
+                "(or keep_float: []) to build a hardware package"
+            )
         from slimdet.export.golden import GoldenModel
         from slimdet.export.hwpackage import export_hw_package
 
