@@ -97,3 +97,31 @@ def test_profile_times_the_int8_file_not_the_simulation(quantized):
 
     result = profile(quantized, batch_sizes=(1,), runs=2, warmup=0, progress=False)
     assert {s.runtime for s in result.latency} == {ORT} and result.onnx_size_bytes > 0
+
+
+@pytest.mark.parametrize("name", ["ssdlite320_mobilenet_v3_large", "fcos_mobilenet_v3_fpn", "yolo-n"])
+def test_registered_detectors_quantize_and_run_in_onnxruntime(name, tmp_path):
+    from slimdet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, input_size=64).eval()
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])}] * 2
+    cfg = QuantConfig(auto_keep=False, runtime_aware=False, bias_correction=False)
+    result = quantize(model, cfg, calib=[(torch.rand(2, 3, 64, 64), targets)], progress=False)
+    exported = export_qdq(model, tmp_path / f"{name}.onnx")
+    assert exported.int8_weights == len(result.weight_bits) > 20
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = [r.numpy() for r in model(x)]
+    got = ort.InferenceSession(exported.path, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    for g, r in zip(got, ref, strict=True):
+        assert np.abs(g - r).max() <= 0.05 * max(float(r.max() - r.min()), 1e-3)
+
+
+def test_two_stage_detector_is_refused_clearly():
+    from slimdet.errors import ConfigError
+    from slimdet.models import create_model
+
+    model = create_model("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3, input_size=64).eval()
+    with pytest.raises(ConfigError, match="not traceable by torch.fx"):
+        quantize(model, QuantConfig(), calib=[(torch.rand(1, 3, 64, 64), [])], progress=False)
