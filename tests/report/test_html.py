@@ -102,8 +102,8 @@ def test_summary_table_text(tmp_path):
     run = make_run_dir(tmp_path / "run")
     text = summary_table(json.loads((run / "metrics.json").read_text()))
     lines = text.splitlines()
-    assert lines[0].split() == ["stage", "params", "MACs", "size", "mAP", "mAP@.5", "PT", "b1", "ms", "PT", "b8", "ms",
-                                "ORT", "b1", "ms", "ORT", "b8", "ms", "threads"]  # fmt: skip
+    assert lines[0].split() == ["stage", "params", "MACs", "size", "ONNX", "mAP", "mAP@.5", "PT", "b1", "ms",
+                                "PT", "b8", "ms", "ORT", "b1", "ms", "ORT", "b8", "ms", "threads"]  # fmt: skip
     assert lines[2].split()[:3] == ["baseline", "1.00", "k"]
     assert "02_train" in lines[3] and "2.00/2.40" in lines[3]
 

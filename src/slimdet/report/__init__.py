@@ -97,11 +97,12 @@ def table_rows(stages: list[StageSummary], *, short: bool = False) -> tuple[list
     Latency cells are ``median/p90`` in milliseconds.
     """
     lat = latency_columns(stages)
-    header = ["stage", "params", "MACs", "size", "mAP@[.5:.95]" if not short else "mAP", "mAP@.5"]
+    header = ["stage", "params", "MACs", "size", "ONNX", "mAP@[.5:.95]" if not short else "mAP", "mAP@.5"]
     header += [f"{latency_label(k, short=short)} ms" for k in lat] + ["threads"]
     rows = []
     for s in stages:
-        row = [s.name, _count(s.params), _count(s.macs), _bytes(s.size_bytes), _num(s.map), _num(s.map50)]
+        row = [s.name, _count(s.params), _count(s.macs), _bytes(s.size_bytes), _bytes(s.onnx_size_bytes),
+               _num(s.map), _num(s.map50)]  # fmt: skip
         for k in lat:
             v = s.latency.get(k)
             row.append(f"{v[0] * 1e3:.2f}/{v[1] * 1e3:.2f}" if v else "-")
@@ -117,7 +118,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in [header, *rows]]  # fmt: skip
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("mAP: @[.5:.95]; size: state dict bytes; MACs at batch 1; latency ms: median/p90 of model.forward")
+    lines.append("mAP: @[.5:.95]; size: state dict bytes; ONNX: exported file (int8 QDQ when quantized); "
+                 "MACs at batch 1; latency ms: median/p90 of model.forward")
     return "\n".join(lines)
 
 

@@ -94,7 +94,8 @@ def _stage_table(stages: list[StageSummary]) -> str:
     if len(stages) > 1:
         body += '<tr class="change">' + "".join(f"<td>{escape(c)}</td>" for c in _change_row(stages)) + "</tr>"
     note = (
-        '<p class="muted">size: state dict bytes on disk; MACs at batch 1; latency cells: median/p90 ms of '
+        '<p class="muted">size: state dict bytes on disk; ONNX: the exported file (int8 QDQ for a quantized '
+        "stage); MACs at batch 1; latency cells: median/p90 ms of "
         "model.forward (no NMS) over the profile's runs; last row: last stage vs first (ratio or difference).</p>"
     )
     return f'<table class="stages"><tr>{head}</tr>{body}</table>{note}'
@@ -103,7 +104,7 @@ def _stage_table(stages: list[StageSummary]) -> str:
 def _change_row(stages: list[StageSummary]) -> list[str]:
     first, last = stages[0], stages[-1]
     cells = [f"{last.name} vs {first.name}"]
-    for attr in ("params", "macs", "size_bytes"):
+    for attr in ("params", "macs", "size_bytes", "onnx_size_bytes"):
         cells.append(_ratio(getattr(first, attr), getattr(last, attr)))
     for attr in ("map", "map50"):
         a, b = getattr(first, attr), getattr(last, attr)
