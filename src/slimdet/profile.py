@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimdet.errors import ConfigError
-from slimdet.export.onnx import INPUT_NAME, export_onnx, onnx_session
+from slimdet.export.onnx import INPUT_NAME, onnx_session
 from slimdet.profiling.latency import LatencyStat, peak_forward_alloc_bytes, summarize, time_interleaved, torch_threads
 from slimdet.profiling.macs import LayerProfile, layer_table
 
@@ -161,16 +161,20 @@ def _measure(
     torch.save(net.state_dict(), sd_path)
     peak = peak_forward_alloc_bytes(net, one)
 
+    from slimdet.compress.quant.graph import is_quantized
+    from slimdet.export.qdq import export_deployable
+
+    quantized = is_quantized(net)
     sessions: dict[int, ort.InferenceSession] = {}
     onnx_size = None
     if onnx:
         for b in sizes:  # one static-shape file per batch size: what a deployment would ship
-            exported = _export(net, work / f"model_b{b}.onnx", b)
+            # a quantized model: its QDQ file, which ONNX Runtime runs with integer kernels
+            exported = export_deployable(net, work / f"model_b{b}.onnx", batch_size=b, check=not quantized)
             onnx_size = onnx_size if onnx_size is not None else exported.size_bytes
             sessions[b] = onnx_session(exported.path, threads, spinning=False)
 
     stats: list[LatencyStat] = []
-    quantized = getattr(net, "_quant_graph", None) is not None
     per_size = (1 if quantized else 2) if onnx else 1
     bar = tqdm(total=len(sizes) * runs * per_size, desc="profile", unit="run", disable=not progress)
     with bar, torch.no_grad():
@@ -203,15 +207,6 @@ def _measure(
         latency=tuple(stats),
         environment=_environment(),
     )
-
-
-def _export(net: nn.Module, path: Path, batch_size: int) -> Any:
-    """FP32 ONNX, or QDQ ONNX (int8 kernels in ONNX Runtime) for a quantized model."""
-    if getattr(net, "_quant_graph", None) is None:
-        return export_onnx(net, path, batch_size=batch_size, check=True)
-    from slimdet.export.qdq import export_qdq
-
-    return export_qdq(net, path, batch_size=batch_size, check=False)
 
 
 def _environment() -> dict[str, str]:

@@ -155,6 +155,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@torch.no_grad()
+def calib_loss(model: nn.Module, calib: Calib) -> float:
+    """Mean detection loss (``model.compute_loss``) over calibration batches, in eval mode."""
+    with eval_mode(model):
+        losses = [float(model.compute_loss(images, targets)[0]) for images, targets in calib]
+    return sum(losses) / len(losses)
+
+
 def _fill_missing_grads(model: nn.Module) -> None:
     # layers the loss does not reach score zero instead of failing on a missing .grad
     for p in model.parameters():

@@ -29,7 +29,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from slimdet.errors import ExportError
-from slimdet.export.onnx import INPUT_NAME, export_onnx, onnx_session
+from slimdet.export.onnx import INPUT_NAME, ExportResult, export_onnx, onnx_session
 from slimdet.models.base import Detector
 
 
@@ -56,7 +56,9 @@ def export_qdq(
     Raises:
         ExportError: the model has no quantizers, or the graph has a pattern that cannot be rewritten.
     """
-    if getattr(model, "_quant_graph", None) is None:
+    from slimdet.compress.quant.graph import is_quantized
+
+    if not is_quantized(model):
         raise ExportError("export_qdq: the model is not quantized; run slimdet.compress.quant.quantize first")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +87,31 @@ def export_qdq(
     return QdqExportResult(path=str(path), size_bytes=path.stat().st_size, op_counts=dict(counts.most_common()),
                            int8_weights=n_weights, int32_biases=n_biases, max_abs_diff=diff,
                            max_diff_steps=steps)  # fmt: skip
+
+
+def export_deployable(
+    model: Detector,
+    path: str | Path,
+    *,
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> ExportResult | QdqExportResult:
+    """The ONNX file a runtime should run: FP32 for a float model, QDQ (int8 kernels) for a quantized one.
+
+    Raises:
+        ExportError: ``dynamic_batch`` for a quantized model (its file has a fixed batch size).
+    """
+    from slimdet.compress.quant.graph import is_quantized
+
+    if not is_quantized(model):
+        return export_onnx(model, path, batch_size=batch_size, dynamic_batch=dynamic_batch, opset=opset, check=check,
+                           atol=atol)  # fmt: skip
+    if dynamic_batch:
+        raise ExportError(f"{path}: a quantized model is exported with a fixed batch size, not a dynamic one")
+    return export_qdq(model, path, batch_size=batch_size, check=check, opset=opset)
 
 
 def rewrite_qdq(proto: onnx.ModelProto) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from slimdet.compress.importance import Calib, eval_mode, make_importance
+from slimdet.compress.importance import Calib, calib_loss, eval_mode, make_importance
 from slimdet.compress.prune_graph import PruneGraph
 from slimdet.errors import ConfigError
 from slimdet.models.base import Detector
@@ -141,7 +141,7 @@ def sensitivity_scan(
     order = {g.name: torch.argsort(_importance(graph, g, criterion), stable=True) for g in graph.groups}
     model.zero_grad(set_to_none=True)
     reference = _raw_outputs(model, calib) if proxy == "distortion" else None
-    baseline = _loss(model, calib) if proxy == "loss" else 0.0
+    baseline = calib_loss(model, calib) if proxy == "loss" else 0.0
     base_map = _map(model, map_dataset) if map_dataset is not None else None
 
     rows = []
@@ -155,7 +155,7 @@ def sensitivity_scan(
             if n > 0:
                 trial_graph.prune_units(group.name, order[group.name][:n], ch_groups=group.ch_groups)
             if proxy == "loss":
-                change[ratio] = (_loss(trial, calib) - baseline) / max(abs(baseline), 1e-12)
+                change[ratio] = (calib_loss(trial, calib) - baseline) / max(abs(baseline), 1e-12)
             else:
                 change[ratio] = _distortion(_raw_outputs(trial, calib), reference)
             if base_map is not None:
@@ -197,13 +197,6 @@ def _structure_copy(model: Detector) -> Detector:
 def _importance(graph: PruneGraph, group: Any, criterion: Any) -> Tensor:
     imp = graph.importance(group, criterion)
     return imp if imp is not None else graph.importance(group, make_importance("l1"))
-
-
-@torch.no_grad()
-def _loss(model: Detector, calib: Calib) -> float:
-    with eval_mode(model):
-        losses = [float(model.compute_loss(images, targets)[0]) for images, targets in calib]
-    return sum(losses) / len(losses)
 
 
 @torch.no_grad()

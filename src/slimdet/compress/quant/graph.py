@@ -264,7 +264,7 @@ def build(
 
     Returns the quantization points in graph order and the names of the folded BN layers.
     """
-    if getattr(model, "_quant_graph", None) is not None:
+    if is_quantized(model):
         raise ConfigError(f"{model.model_config.get('name', type(model).__name__)!r} is already quantized")
     graph = trace(model)
     folded = fold_batchnorm(model, graph)
@@ -348,6 +348,25 @@ def output_keys(model: nn.Module) -> set[str]:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     return {n.target.split(".", 1)[1] for n in out.all_input_nodes
             if n.op == "call_module" and str(n.target).startswith("quant.")}  # fmt: skip
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for a model whose forward runs the quantized graph of :func:`build`."""
+    return getattr(model, "_quant_graph", None) is not None
+
+
+@contextmanager
+def float_mode(model: nn.Module) -> Iterator[dict[str, Quantizer]]:
+    """Every quantizer off for the block (the folded float model); their modes are restored after."""
+    qs = quantizers(model)
+    saved = {k: q.mode for k, q in qs.items()}
+    for q in qs.values():
+        q.mode = Mode.OFF
+    try:
+        yield qs
+    finally:
+        for k, q in qs.items():
+            q.mode = saved[k]
 
 
 def set_mode(model: nn.Module, mode: Mode, *, kinds: tuple[str, ...] = ("act", "weight", "shared")) -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import re
 
-import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from slimdet.compress.importance import Calib, eval_mode
-from slimdet.compress.quant.graph import Point, QuantConv2d, QuantLinear, quantizers
+from slimdet.compress.importance import Calib, calib_loss
+from slimdet.compress.quant.graph import Point, QuantConv2d, QuantLinear, float_mode, quantizers
 from slimdet.compress.quant.quantizers import Mode
 from slimdet.models.base import Detector
 
@@ -54,13 +53,6 @@ def tail_units(model: Detector, points: list[Point], depth: int = 2) -> dict[str
     return units
 
 
-@torch.no_grad()
-def _loss(model: Detector, batches: Calib) -> float:
-    with eval_mode(model):
-        values = [float(model.compute_loss(images, targets)[0]) for images, targets in batches]
-    return sum(values) / len(values)
-
-
 def auto_keep(
     model: Detector,
     points: list[Point],
@@ -87,13 +79,9 @@ def auto_keep(
         keys = [k for k in keys if weights or qs[k].kind != "weight"]
         if keys and all(qs[k].mode == Mode.QUANT for k in keys):
             units[unit] = keys
-    saved = {k: q.mode for k, q in qs.items()}
-    for q in qs.values():
-        q.mode = Mode.OFF
-    loss_float = _loss(model, batches)
-    for k, q in qs.items():
-        q.mode = saved[k]
-    loss_quant = _loss(model, batches)
+    with float_mode(model):
+        loss_float = calib_loss(model, batches)
+    loss_quant = calib_loss(model, batches)
     increase = loss_quant - loss_float
     if increase <= 0 or not units:
         return {}
@@ -102,7 +90,7 @@ def auto_keep(
         for k in keys:
             qs[k].mode = Mode.OFF
         try:
-            return _loss(model, batches)
+            return calib_loss(model, batches)
         finally:
             for k in keys:
                 qs[k].mode = Mode.QUANT
@@ -116,7 +104,7 @@ def auto_keep(
             break
         for k in units[unit]:
             qs[k].mode = Mode.OFF
-        new = _loss(model, batches)
+        new = calib_loss(model, batches)
         if (current - new) / increase < min_gain / 2:  # no longer helps once others are float
             for k in units[unit]:
                 qs[k].mode = Mode.QUANT

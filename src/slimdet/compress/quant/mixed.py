@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from slimdet.compress.importance import Calib, eval_mode
+from slimdet.compress.importance import Calib, calib_loss, eval_mode
 from slimdet.compress.quant.config import QuantConfig
-from slimdet.compress.quant.graph import Point, quantizers
+from slimdet.compress.quant.graph import Point, float_mode, quantizers
 from slimdet.compress.quant.quantizers import Mode, Quantizer
 from slimdet.models.base import Detector
 from slimdet.profiling.macs import layer_table
@@ -33,17 +33,11 @@ def choose_bits(
     searched = [p for p in weights if qs[p.key].mode == Mode.QUANT and not qs[p.key].fp16]
     with eval_mode(model):
         macs = {r.name: r.macs for r in layer_table(model, model.example_inputs(1))}
-    saved = {k: q.mode for k, q in qs.items()}
-    for q in qs.values():
-        q.mode = Mode.OFF
-    try:
+    with float_mode(model):  # sensitivities of the float (BN-folded) model
         if cfg.sensitivity == "hessian":
             sens = _hessian(model, cfg, searched, batches[:2])
         else:
             sens = _distortion(model, cfg, searched, batches[:2], progress)
-    finally:
-        for k, q in qs.items():
-            q.mode = saved[k]
 
     costs: dict[str, dict[str, dict[int, float]]] = {}
     budgets: dict[str, float] = {}
@@ -89,11 +83,7 @@ def _hessian(model: Detector, cfg: QuantConfig, searched: list[Point], batches: 
 def _distortion(
     model: Detector, cfg: QuantConfig, searched: list[Point], batches: Calib, progress: bool
 ) -> dict[str, dict[int, float]]:
-    def loss() -> float:
-        with eval_mode(model):
-            return sum(float(model.compute_loss(i, t)[0]) for i, t in batches) / len(batches)
-
-    base = loss()
+    base = calib_loss(model, batches)
     out: dict[str, dict[int, float]] = {}
     for p in tqdm(searched, desc="sensitivity", unit="layer", disable=not progress):
         layer = model.get_submodule(p.layer)
@@ -105,7 +95,7 @@ def _distortion(
             probe.fit_weight(layer.weight, "mse" if b < 8 else "minmax")
             layer.weight_quant = probe
             try:
-                out[p.layer][b] = max(loss() - base, 0.0)
+                out[p.layer][b] = max(calib_loss(model, batches) - base, 0.0)
             finally:
                 layer.weight_quant = original
     return out

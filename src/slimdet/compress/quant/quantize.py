@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from slimdet.compress.importance import Calib, eval_mode
+from slimdet.compress.importance import Calib, calib_loss, eval_mode
 from slimdet.compress.quant.calibrate import RangeObserver, calibrate
 from slimdet.compress.quant.config import Granularity, QuantConfig
-from slimdet.compress.quant.graph import Point, build, output_keys, quantizers, set_mode
+from slimdet.compress.quant.graph import Point, build, float_mode, output_keys, quantizers, set_mode
 from slimdet.compress.quant.quantizers import Mode, Quantizer, ScaleType
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
@@ -43,8 +43,8 @@ class QuantResult:
     weight_bytes_fp32: float
     bitops: float  # sum over layers of MACs x weight bits x input bits
     bitops_w8a8: float
-    calib_loss_float: float | None
-    calib_loss_quant: float | None
+    calib_loss_float: float
+    calib_loss_quant: float
     time_s: float
     record: dict[str, Any]
     allocation: dict[str, Any] | None = None  # the mixed-precision solution, when searched
@@ -95,7 +95,6 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
     if not batches:
         raise ConfigError("quantize needs calibration batches: pass calib=[(images, targets), ...]")
     _check_patterns(model, cfg)
-    loss_float = _loss(model, batches)
     specs: dict[str, dict[str, Any]] = {}
 
     def make(point: Point) -> Quantizer:
@@ -103,7 +102,9 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
         specs[point.key] = spec
         return _quantizer(spec)
 
-    points, folded = build(model, make)
+    points, folded = build(model, make)  # an untraceable model fails here, before any measurement
+    with float_mode(model):
+        loss_float = calib_loss(model, batches)  # the folded float model computes what the original did
     for p in points:  # patterns of the user's keep list and float overrides: off from the start
         if cfg.kept_float(p.label) or (p.layer and cfg.kept_float(p.layer)):
             quantizers(model)[p.key].mode = Mode.OFF
@@ -161,7 +162,7 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
         folded_bn=tuple(folded),
         **costs,
         calib_loss_float=loss_float,
-        calib_loss_quant=_loss(model, batches),
+        calib_loss_quant=calib_loss(model, batches),
         time_s=time.perf_counter() - start,
         record=record,
         allocation=allocation.to_dict() if allocation is not None else None,
@@ -253,13 +254,10 @@ def _replace_quantizer(model: Detector, key: str, new: Quantizer) -> None:
 def _calibrate(model: Detector, cfg: QuantConfig, points: list[Point], batches: Calib, progress: bool) -> None:
     qs = quantizers(model)
     acts = [p for p in points if p.kind == "act" and qs[p.key].mode != Mode.OFF and not qs[p.key].fp16]
-    saved = {k: q.mode for k, q in qs.items()}
-    for q in qs.values():
-        q.mode = Mode.OFF
-    for p in acts:
-        qs[p.key].observer = RangeObserver()
-        qs[p.key].mode = Mode.OBSERVE
-    with eval_mode(model):
+    with float_mode(model), eval_mode(model):  # statistics of the float activations
+        for p in acts:
+            qs[p.key].observer = RangeObserver()
+            qs[p.key].mode = Mode.OBSERVE
         for images, _ in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
             model(images)
     options = dict(cfg.calibrator_options)
@@ -272,8 +270,6 @@ def _calibrate(model: Detector, cfg: QuantConfig, points: list[Point], batches: 
         lo, hi = calibrate(q.observer, method, bits=q.bits, symmetric=q.symmetric, **opts)
         q.set_range(lo, hi)
         q.observer = None
-    for key, q in qs.items():
-        q.mode = saved[key]
     for p in points:
         if p.kind == "weight":
             q = qs[p.key]
@@ -308,15 +304,6 @@ def _bias_headroom(model: Detector) -> None:
             q.set_range(lo * factor, hi * factor)
 
 
-def _loss(model: Detector, batches: Calib) -> float | None:
-    try:
-        with torch.no_grad(), eval_mode(model):
-            values = [float(model.compute_loss(images, targets)[0]) for images, targets in batches]
-    except Exception:  # noqa: BLE001 - a model without a usable loss on these batches: not reported
-        return None
-    return sum(values) / len(values)
-
-
 def _check_patterns(model: Detector, cfg: QuantConfig) -> None:
     """Every override / keep pattern must match a module of the model (a typo must not pass silently)."""
     from slimdet.compress.quant.config import matches
@@ -334,13 +321,12 @@ def cost_summary(model: Detector, points: list[Point]) -> dict[str, Any]:
     from slimdet.profiling.macs import layer_table
 
     qs = quantizers(model)
-    fq = {k: q for k, q in qs.items()}
     with eval_mode(model):
         table = {r.name: r for r in layer_table(model, model.example_inputs(1))}
     weight_bits, act_bits = {}, {}
     wbytes = wbytes8 = wbytes32 = bitops = bitops8 = 0.0
     for p in points:
-        q = fq[p.key]
+        q = qs[p.key]
         bits = 32 if q.mode == Mode.OFF else (16 if q.fp16 else q.bits)
         if p.kind == "act":
             act_bits[p.label] = bits

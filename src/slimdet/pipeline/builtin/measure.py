@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from slimdet.errors import ConfigError
 from slimdet.models.base import Detector
 from slimdet.pipeline.steps import RunContext, StepOptions, StepOutput, register_step
 
@@ -110,27 +109,12 @@ def export_step(ctx: RunContext, model: Detector, opts: ExportOptions) -> StepOu
     """Export the current model (ONNX) into the run directory, checked against PyTorch.
 
     A quantized model is written in QDQ form (int8 weights, ONNX Runtime's integer kernels)."""
-    from slimdet.export.onnx import export_onnx
+    from slimdet.export.qdq import QdqExportResult, export_deployable
 
     path = ctx.step_dir / opts.filename
-    if getattr(model, "_quant_graph", None) is not None:
-        from slimdet.export.qdq import export_qdq
-
-        if opts.dynamic_batch:
-            raise ConfigError(f"{ctx.where('dynamic_batch')}: a quantized model is exported with a fixed batch size")
-        qdq = export_qdq(model, path, batch_size=opts.batch_size, check=opts.check, opset=opts.opset)
-        record = {**qdq.to_dict(), "path": str(path.relative_to(ctx.run_dir))}
-        metrics = {"format": "onnx-qdq", "size_bytes": qdq.size_bytes, "max_abs_diff": qdq.max_abs_diff}
-        return StepOutput(model, record=record, metrics=metrics)
-    result = export_onnx(
-        model,
-        path,
-        batch_size=opts.batch_size,
-        dynamic_batch=opts.dynamic_batch,
-        opset=opts.opset,
-        check=opts.check,
-        atol=opts.atol,
-    )
+    result = export_deployable(model, path, batch_size=opts.batch_size, dynamic_batch=opts.dynamic_batch,
+                               opset=opts.opset, check=opts.check, atol=opts.atol)  # fmt: skip
     record = {**result.to_dict(), "path": str(path.relative_to(ctx.run_dir))}
-    metrics = {"format": opts.format, "size_bytes": result.size_bytes, "max_abs_diff": result.max_abs_diff}
+    fmt = "onnx-qdq" if isinstance(result, QdqExportResult) else opts.format
+    metrics = {"format": fmt, "size_bytes": result.size_bytes, "max_abs_diff": result.max_abs_diff}
     return StepOutput(model, record=record, metrics=metrics)
