@@ -144,6 +144,29 @@ def test_auto_keep_finds_a_broken_tail_tensor_by_measurement(fitted_tiny, calib)
     assert qs[broken].mode == Mode.OFF
 
 
+def test_auto_keep_leaves_a_tolerable_quantization_loss_alone(fitted_tiny, calib):
+    from slimdet.compress.importance import calib_loss
+    from slimdet.compress.quant.graph import float_mode
+    from slimdet.compress.quant.keep import auto_keep
+
+    model = copy.deepcopy(fitted_tiny)
+    quantize(model, _cfg(auto_keep=False), calib=calib, progress=False)
+    qs = quantizers(model)
+    broken = next(k for k, q in qs.items() if q.label == "heads.0/cat")
+    with torch.no_grad():
+        qs[broken].scale.mul_(40)
+    batches = list(calib)[:2]
+    with float_mode(model):
+        loss_float = calib_loss(model, batches)
+    rel_increase = (calib_loss(model, batches) - loss_float) / loss_float
+    assert rel_increase > 0
+    # a tolerance above the measured increase: no float island is worth its run time
+    assert auto_keep(model, _points(model), calib, tolerance=rel_increase * 1.01, progress=False) == {}
+    assert qs[broken].mode == Mode.QUANT
+    # below it, the broken tensor is still found
+    assert list(auto_keep(model, _points(model), calib, tolerance=rel_increase / 4, progress=False)) == ["heads.0/cat"]
+
+
 def _points(model):
     from slimdet.compress.quant.graph import Point
 

@@ -60,6 +60,7 @@ def auto_keep(
     *,
     min_gain: float = 0.05,
     max_keep: int = 6,
+    tolerance: float = 0.0,
     depth: int = 2,
     measure_batches: int = 2,
     weights: bool = True,
@@ -69,6 +70,9 @@ def auto_keep(
 
     Returns {unit label: reason}. ``min_gain`` is the fraction of the loss increase (quantized minus
     float, on ``measure_batches`` calibration batches) that keeping a unit in float must remove.
+    ``tolerance``: a relative loss increase ((quantized - float) / float) the detector tolerates; at or
+    below it nothing (more) is kept in float, since every float island costs run time (Q/DQ and
+    layout changes around it) and buys no accuracy there.
     With ``weights=False`` only activations are candidates (under a mixed-precision budget the
     integer program decides the weights' precision).
     """
@@ -83,7 +87,7 @@ def auto_keep(
         loss_float = calib_loss(model, batches)
     loss_quant = calib_loss(model, batches)
     increase = loss_quant - loss_float
-    if increase <= 0 or not units:
+    if increase <= tolerance * abs(loss_float) or not units:
         return {}
 
     def without(keys: list[str]) -> float:
@@ -100,7 +104,7 @@ def auto_keep(
     kept: dict[str, str] = {}
     current = loss_quant
     for unit in sorted(gains, key=gains.get, reverse=True):
-        if len(kept) >= max_keep or gains[unit] < min_gain:
+        if len(kept) >= max_keep or gains[unit] < min_gain or current - loss_float <= tolerance * abs(loss_float):
             break
         for k in units[unit]:
             qs[k].mode = Mode.OFF

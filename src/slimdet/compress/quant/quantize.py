@@ -179,7 +179,7 @@ def _auto_keep(
     from slimdet.compress.quant.keep import auto_keep
 
     return auto_keep(model, points, batches, min_gain=cfg.auto_keep_min_gain, max_keep=cfg.auto_keep_max,
-                     weights=weights, progress=progress)  # fmt: skip
+                     tolerance=cfg.auto_keep_tolerance, weights=weights, progress=progress)  # fmt: skip
 
 
 @register_replay("quantize")
