@@ -53,7 +53,7 @@ def test_config_round_trips_through_json():
     cfg = PruneConfig(importance="taylor", scope="layer", macs_ratio=0.5, round_to=8, allocation="sensitivity",
                       overrides={r"neck\..*": 0.2}, ignore=["backbone.stem.0"], iterative_steps=2)  # fmt: skip
     again = PruneConfig.model_validate(json.loads(cfg.model_dump_json()))
-    assert again == cfg and again.scope == "layer" and again.target == ("macs_ratio", 0.5)
+    assert again == cfg and again.scope == "layer" and again.goal == ("macs_ratio", 0.5)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from slimdet.compress.importance import IMPORTANCE, Calib, make_importance
 from slimdet.compress.prune_graph import ROOT_TYPES, PruneGraph, replay_history, resolve_names
+from slimdet.compress.prune_hw import Latency, PlanCost, fit_latency, greedy_plan, modelled_latency_ms
 from slimdet.compress.prune_plan import Planner, search
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
@@ -49,10 +50,12 @@ class Scope(StrEnum):
 class Allocation(StrEnum):
     UNIFORM = "uniform"  # the scope decides
     SENSITIVITY = "sensitivity"  # per-group ratios from a sensitivity scan: sensitive groups lose less
+    LATENCY = "latency"  # greedy cuts by modelled latency saved per importance lost (target=Latency)
 
 
 class PruneConfig(BaseModel):
-    """What to prune and how far. Give exactly one target: ``ratio``, ``macs_ratio`` or ``params_ratio``."""
+    """What to prune and how far. Give exactly one target: ``ratio``, ``macs_ratio``, ``params_ratio``
+    or ``target=Latency(ms, device=...)`` (a modelled latency on a device; allocation "latency" by default)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -65,6 +68,8 @@ class PruneConfig(BaseModel):
     macs_ratio: float | None = Field(None, gt=0, lt=1)
     #: fraction of the model's parameters to KEEP
     params_ratio: float | None = Field(None, gt=0, lt=1)
+    #: modelled batch-1 latency on a device (preset or spec file), e.g. {ms: 2.0, device: edge-npu}
+    target: Latency | None = None
     #: pruned groups keep a multiple of this many channels (SIMD lanes, accelerator array width)
     round_to: int | None = Field(None, ge=1)
     #: how the target is spread over groups; "sensitivity" runs a scan on the calibration batches
@@ -106,17 +111,31 @@ class PruneConfig(BaseModel):
             raise ValueError(f"sensitivity ratios must be in (0, 1), got {list(value)}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _latency_allocation(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("target") is not None and "allocation" not in data:
+            return {**data, "allocation": Allocation.LATENCY}
+        return data
+
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
-        given = [k for k in ("ratio", "macs_ratio", "params_ratio") if getattr(self, k) is not None]
+        given = [k for k in ("ratio", "macs_ratio", "params_ratio", "target") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one target of ratio, macs_ratio, params_ratio; got {given or 'none'}")
+            raise ValueError(
+                f"give exactly one target of ratio, macs_ratio, params_ratio, target (latency); got {given or 'none'}"
+            )
         if self.ratio is not None and self.ratio > self.max_pruning_ratio:
             raise ValueError(f"ratio={self.ratio} exceeds max_pruning_ratio={self.max_pruning_ratio}")
+        if self.allocation == Allocation.LATENCY and self.target is None:
+            raise ValueError("allocation 'latency' needs target: {ms: ..., device: ...}")
         return self
 
     @property
-    def target(self) -> tuple[str, float]:
+    def goal(self) -> tuple[str, float]:
+        """The target as (quantity, value): ratio, macs_ratio, params_ratio or latency_ms."""
+        if self.target is not None:
+            return "latency_ms", float(self.target.ms)
         for key in ("ratio", "macs_ratio", "params_ratio"):
             if getattr(self, key) is not None:
                 return key, float(getattr(self, key))
@@ -128,7 +147,7 @@ class PruneResult:
     """What pruning changed. MACs at batch 1 (``slimdet.profiling.macs``)."""
 
     importance: str
-    target: dict[str, float]  # the requested target, e.g. {"macs_ratio": 0.5}
+    target: dict[str, float]  # the requested target, e.g. {"macs_ratio": 0.5} or {"latency_ms": 2.0}
     achieved: float  # the same quantity measured on the pruned model
     #: conv/linear layer -> output channels (before, after), for the layers that changed
     channels: dict[str, tuple[int, int]]
@@ -144,6 +163,8 @@ class PruneResult:
     #: the transform entries appended to model.model_config["transforms"], one per round
     records: tuple[dict[str, Any], ...]
     sensitivity: SensitivityResult | None = None  # the scan behind allocation="sensitivity"
+    #: latency target: the device and the modelled latency before and after, in ms
+    hardware: dict[str, Any] | None = None
 
     @property
     def macs_kept(self) -> float:
@@ -206,6 +227,8 @@ def prune(
         raise ConfigError(f"importance {cfg.importance!r} needs calibration batches: pass calib=[(images, targets)]")
     protected = protected_layers(model, cfg.ignore)
     before = _widths(model)
+    spec = cfg.target.spec if cfg.target is not None else None
+    latency_before = modelled_latency_ms(model, spec, example) if spec is not None else None
     macs_before = total_macs(model, example[:1])
     params_before = sum(p.numel() for p in model.parameters())
     scan = _sensitivity(model, cfg, calib, protected, example, progress) if cfg.allocation == "sensitivity" else None
@@ -222,9 +245,11 @@ def prune(
             if not graph.groups:
                 raise ConfigError(f"nothing to prune in {type(model).__name__}: every layer is protected or ignored")
         planner = _planner(graph, cfg, criterion, calib, original_units, weights, share=k / cfg.iterative_steps)
+        cost = PlanCost(planner, spec) if spec is not None else None
         if k == 1:
-            _check_reachable(planner, cfg, macs_before, params_before)
-        plan = _plan_for_target(planner, cfg, macs_before, params_before, share=k / cfg.iterative_steps)
+            _check_reachable(planner, cfg, macs_before, params_before, cost)
+        plan = _plan_for_target(planner, cfg, macs_before, params_before, share=k / cfg.iterative_steps, cost=cost,
+                                latency0_ms=latency_before, progress=progress)  # fmt: skip
         history = graph.apply(planner.removed(plan))
         model.zero_grad(set_to_none=True)
         if history:  # one record per round: a checkpoint saved while fine-tuning between rounds loads
@@ -233,16 +258,23 @@ def prune(
         if finetune is not None and k < cfg.iterative_steps:
             finetune(model, k)
     if not records:
-        raise ConfigError(f"PruneConfig {dict([cfg.target])}: removes no channel of {type(model).__name__} "
+        raise ConfigError(f"PruneConfig {dict([cfg.goal])}: removes no channel of {type(model).__name__} "
                           f"(finer than the channel granularity, round_to={cfg.round_to})")  # fmt: skip
 
     after = _widths(model)
     prunable = sum(before[n] for n in original_units)
     removed = sum(before[n] - after[n] for n in original_units) / prunable if prunable else 0.0
     params_after, macs_after = sum(p.numel() for p in model.parameters()), total_macs(model, example[:1])
-    key, value = cfg.target
+    key, value = cfg.goal
     achieved = {"ratio": removed, "macs_ratio": macs_after / macs_before, "params_ratio": params_after / params_before}
-    if abs(achieved[key] - value) > 0.02:
+    hardware = None
+    if spec is not None:
+        achieved["latency_ms"] = modelled_latency_ms(model, spec, example)
+        hardware = {"device": spec.name, "latency_ms_before": latency_before, "latency_ms_after": achieved[key]}
+        if abs(achieved[key] - value) > 0.05 * value:
+            warnings.warn(f"latency target {value} ms on {spec.name} missed: modelled {achieved[key]:.4g} ms "
+                          "(the cuts are whole channel groups)", stacklevel=2)  # fmt: skip
+    elif abs(achieved[key] - value) > 0.02:
         reason = f"channel rounding (round_to={cfg.round_to}), the per-group limit or data-dependent layers"
         warnings.warn(f"pruning target {key}={value} missed: reached {achieved[key]:.3f} ({reason})", stacklevel=2)
     return PruneResult(
@@ -261,6 +293,7 @@ def prune(
         time_s=time.perf_counter() - start,
         records=tuple(records),
         sensitivity=scan,
+        hardware=hardware,
     )
 
 
@@ -320,8 +353,28 @@ def _override_ratios(graph: PruneGraph, cfg: PruneConfig, share: float) -> dict[
     return fixed
 
 
-def _plan_for_target(planner: Planner, cfg: PruneConfig, macs0: int, params0: int, *, share: float) -> dict[str, int]:
-    key, value = cfg.target
+def _plan_for_target(
+    planner: Planner,
+    cfg: PruneConfig,
+    macs0: int,
+    params0: int,
+    *,
+    share: float,
+    cost: PlanCost | None = None,
+    latency0_ms: float | None = None,
+    progress: bool = False,
+) -> dict[str, int]:
+    key, value = cfg.goal
+    if key == "latency_ms" and cost is not None:
+        # the rounds share the way down from the original latency (before round 1) to the target
+        start_s = (latency0_ms or cost.base_latency_s * 1e3) / 1e3
+        target_s = start_s - (start_s - value / 1e3) * min(1.0, share)
+        def plan_at(goal_s: float) -> dict[str, int]:
+            if cfg.allocation == Allocation.LATENCY:
+                return greedy_plan(planner, cost, goal_s, progress=progress)
+            return planner.plan(search(lambda x: cost.latency_s(planner.plan(x)), goal_s))
+
+        return fit_latency(planner, cost, plan_at, target_s)
     if key == "ratio":
         if planner.weights is None:
             return planner.plan(value * share)
@@ -333,9 +386,18 @@ def _plan_for_target(planner: Planner, cfg: PruneConfig, macs0: int, params0: in
     return planner.plan(x)
 
 
-def _check_reachable(planner: Planner, cfg: PruneConfig, macs0: int, params0: int) -> None:
-    key, value = cfg.target
-    if key == "ratio":
+def _check_reachable(planner: Planner, cfg: PruneConfig, macs0: int, params0: int, cost: PlanCost | None) -> None:
+    key, value = cfg.goal
+    if key == "ratio" or (key == "latency_ms" and cfg.allocation == Allocation.LATENCY):
+        return  # the greedy latency plan reports an unreachable target itself
+    if key == "latency_ms" and cost is not None:
+        best_ms = cost.latency_s(planner.plan(1.0)) * 1e3
+        if best_ms > value:
+            raise ConfigError(
+                f"PruneConfig.target: {value:g} ms is out of reach on {cost.spec.name} with allocation "
+                f"{cfg.allocation.value!r}: pruning every group to its limit gives {best_ms:.4g} ms "
+                f"(from {cost.base_latency_s * 1e3:.4g} ms)"
+            )
         return
     index, total, what = (0, macs0, "MACs") if key == "macs_ratio" else (1, params0, "parameters")
     best = planner.graph.estimate(planner.removed(planner.plan(1.0)))[index]

@@ -231,3 +231,31 @@ def test_layer_latency_times_both_graphs_of_a_real_conv():
 
     t = layer_latency(nn.Conv2d(8, 16, 3, padding=1), (1, 8, 16, 16), silu=True, runs=3)
     assert set(t) == {"fp32", "int8"} and all(v > 0 for v in t.values())
+
+
+@pytest.mark.parametrize(("resource", "ratio"), [("energy", 0.85), ("latency", 0.97)])
+def test_mixed_precision_under_a_modelled_hardware_budget(fitted_tiny, calib, resource, ratio):
+    from slimdet.hw import layer_table, load_spec
+    from slimdet.hw.cost import model_cost
+
+    spec = load_spec("edge-npu")
+    model = copy.deepcopy(fitted_tiny)
+    budget = {f"{resource}_ratio": ratio}  # all-4-bit reaches ~0.95 of int8's latency on this tiny model
+    r = quantize(model, _cfg(device="edge-npu", candidate_bits=(4, 8), adaround=False, auto_keep=False, **budget),
+                 calib=calib, progress=False)  # fmt: skip
+    key = "energy_pj" if resource == "energy" else "latency_s"
+    usage, limit = r.allocation["usage"][key], r.allocation["budgets"][key]
+    assert usage <= limit * (1 + 1e-6)
+    assert set(r.weight_bits.values()) == {4, 8}  # the budget forces some 4-bit layers, not all
+    # the whole model, re-measured by the cost model, is within the budget relative to uniform W8A8
+    table = layer_table(model, model.example_inputs(1), postprocess=False)
+    uniform = table.with_bits(weight_bits=8, act_bits=8)
+    index = 0 if resource == "latency" else 1
+    assert model_cost(table, spec)[index] <= ratio * model_cost(uniform, spec)[index] * (1 + 1e-6)
+
+
+def test_hardware_budgets_need_a_device():
+    with pytest.raises(ValueError, match="need device"):
+        QuantConfig(energy_ratio=0.8)
+    with pytest.raises(ValueError, match="unknown hardware preset"):
+        QuantConfig(device="edge-npv", energy_ratio=0.8)

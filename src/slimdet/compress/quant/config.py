@@ -89,6 +89,11 @@ class QuantConfig(BaseModel):
     weight_bytes_ratio: float | None = Field(None, gt=0, le=4)
     #: mixed precision: bit-operations at most this fraction of uniform W8A8
     bitops_ratio: float | None = Field(None, gt=0, le=4)
+    #: mixed precision on a device (a hardware preset or spec YAML): the modelled latency / energy of the
+    #: weight bits chosen is at most this fraction of uniform W8A8's on that device (slimdet.hw cost models)
+    device: str | None = None
+    latency_ratio: float | None = Field(None, gt=0, le=4)
+    energy_ratio: float | None = Field(None, gt=0, le=4)
     candidate_bits: tuple[int, ...] = (2, 4, 8)
     #: per-layer sensitivity for mixed precision: Hessian trace (Hutchinson) or measured distortion
     sensitivity: Literal["hessian", "distortion"] = "hessian"
@@ -134,8 +139,23 @@ class QuantConfig(BaseModel):
             _compile(pattern)
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        if value is not None:
+            from slimdet.errors import ConfigError
+            from slimdet.hw.spec import load_spec
+
+            try:
+                load_spec(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> QuantConfig:
+        if (self.latency_ratio is not None or self.energy_ratio is not None) and self.device is None:
+            raise ValueError("latency_ratio / energy_ratio need device: a hardware preset or spec file")
         if (self.weight_bits == 1) != (self.scale_type == ScaleType.BINARY):
             raise ValueError("binary weights: use weight_bits=1 together with scale_type='binary'")
         if self.act_bits == 1:
@@ -144,7 +164,8 @@ class QuantConfig(BaseModel):
 
     @property
     def mixed_precision(self) -> bool:
-        return self.weight_bytes_ratio is not None or self.bitops_ratio is not None
+        budgets = (self.weight_bytes_ratio, self.bitops_ratio, self.latency_ratio, self.energy_ratio)
+        return any(b is not None for b in budgets)
 
     def layer(self, name: str) -> LayerQuant:
         """The override settings that apply to ``name`` (later patterns win, exact names last)."""

@@ -50,8 +50,50 @@ def choose_bits(
     if cfg.bitops_ratio is not None:
         costs["bitops"] = {p.layer: {b: macs.get(p.layer, 0) * b * 8 for b in cfg.candidate_bits} for p in searched}
         budgets["bitops"] = cfg.bitops_ratio * sum(macs.get(p.layer, 0) * 64 for p in weights)
+    if cfg.latency_ratio is not None or cfg.energy_ratio is not None:
+        hw_costs, hw_budgets = _hardware_budgets(model, cfg, searched, fixed_layers)
+        costs.update(hw_costs)
+        budgets.update(hw_budgets)
     allocation = allocate_bits(sens, costs, budgets)
     return allocation, sens
+
+
+def _hardware_budgets(
+    model: Detector, cfg: QuantConfig, searched: list[Point], fixed_layers: list[Point]
+) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, float]]:
+    """Per-layer modelled latency (s) and energy (pJ) at each candidate weight bit-width on ``cfg.device``
+    (HAQ, Wang et al., CVPR 2019: hardware feedback instead of proxies), and the budgets: the given
+    fractions of uniform W8A8 on the same device. Activations stay at ``cfg.act_bits``; the layers kept
+    out of the search (float or fixed by the user) are a fixed cost taken off the budgets."""
+    from slimdet.hw.cost import gemm_costs
+    from slimdet.hw.layers import layer_table as hw_layer_table
+    from slimdet.hw.spec import load_spec
+
+    spec = load_spec(cfg.device)  # type: ignore[arg-type]
+    qs = quantizers(model)
+    with float_mode(model), eval_mode(model):
+        table = hw_layer_table(model, model.example_inputs(1), postprocess=False)
+    rows = {g.name: i for i, g in enumerate(table.gemm)}
+    searched_layers = [p.layer for p in searched if p.layer in rows]
+    fixed_bits = {p.layer: (32 if qs[p.key].mode == Mode.OFF else qs[p.key].bits) for p in fixed_layers}
+    per_bits = {}
+    for b in sorted({*cfg.candidate_bits, 8}):
+        weight_bits = {**dict.fromkeys(rows, b), **fixed_bits}
+        per_bits[b] = gemm_costs(table.with_bits(weight_bits=weight_bits, act_bits=cfg.act_bits), spec)
+    tables: dict[str, dict[str, dict[int, float]]] = {}
+    budgets: dict[str, float] = {}
+    for resource, ratio, pick in (("latency_s", cfg.latency_ratio, lambda c: c.latency_s),
+                                  ("energy_pj", cfg.energy_ratio, lambda c: c.energy_pj)):  # fmt: skip
+        if ratio is None:
+            continue
+        tables[resource] = {layer: {b: float(pick(per_bits[b])[rows[layer]]) for b in cfg.candidate_bits}
+                            for layer in searched_layers}  # fmt: skip
+        int8 = per_bits[8]
+        other = int8.other_latency_s if resource == "latency_s" else int8.other_energy_pj
+        uniform = float(pick(int8).sum()) + other
+        not_searched = [i for name, i in rows.items() if name not in searched_layers]
+        budgets[resource] = ratio * uniform - float(pick(int8)[not_searched].sum()) - other
+    return tables, budgets
 
 
 def _grid_error(w: torch.Tensor, q: Quantizer, bits: int) -> float:

@@ -32,7 +32,7 @@ class PruneOptions(PruneConfig):
 
 @register_step("prune", options=PruneOptions, changes_model=True)
 def prune_step(ctx: RunContext, model: Detector, opts: PruneOptions) -> StepOutput:
-    """Structured pruning to a channel, MACs or parameter target; output layers are protected."""
+    """Structured pruning to a channel, MACs, parameter or modelled-latency target; output layers are protected."""
     from slimdet.compress.prune import prune
 
     cfg = PruneConfig(**{k: getattr(opts, k) for k in PruneConfig.model_fields})
@@ -56,6 +56,8 @@ def prune_step(ctx: RunContext, model: Detector, opts: PruneOptions) -> StepOutp
         "layers_changed": len(result.channels),
         "importance": result.importance,
     }
+    if result.hardware is not None:
+        metrics.update({f"modelled_{k}": v for k, v in result.hardware.items()})
     return StepOutput(model, record=record, metrics=metrics)
 
 
