@@ -130,7 +130,9 @@ def load_recipe(
         model_kwargs=top.model_kwargs,
         checkpoint=checkpoint,
         dataset=_resolve_dataset(source, top.dataset, folder, check_files),
-        target=top.target,
+        target=_resolve_path(source, "target", top.target, folder, check_files)
+        if top.target.endswith((".yaml", ".yml"))
+        else top.target,
         input_size=top.input_size,
         seed=top.seed,
         steps=steps,

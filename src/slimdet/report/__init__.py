@@ -38,6 +38,8 @@ class StageSummary:
     #: (runtime, batch size) -> (median_s, p90_s)
     latency: dict[tuple[str, int], tuple[float, float]] = field(default_factory=dict)
     threads: int | None = None
+    #: hardware model (``simulate`` step): device -> (modelled latency ms, modelled energy µJ)
+    modelled: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +77,9 @@ def stage_summaries(metrics: dict[str, Any]) -> list[StageSummary]:
                 s.threads = result.get("threads", s.threads)
                 for lat in result.get("latency") or []:
                     s.latency[(lat["runtime"], int(lat["batch_size"]))] = (lat["median_s"], lat["p90_s"])
+            if isinstance(result.get("modelled"), dict):
+                for device, m in result["modelled"].items():
+                    s.modelled[device] = (float(m["latency_ms"]), float(m["energy_uj"]))
         out.append(s)
     return out
 
@@ -98,7 +103,9 @@ def table_rows(stages: list[StageSummary], *, short: bool = False) -> tuple[list
     """
     lat = latency_columns(stages)
     header = ["stage", "params", "MACs", "size", "ONNX", "mAP@[.5:.95]" if not short else "mAP", "mAP@.5"]
+    devices = list(dict.fromkeys(d for s in stages for d in s.modelled))
     header += [f"{latency_label(k, short=short)} ms" for k in lat] + ["threads"]
+    header += [h for d in devices for h in (f"{d} ms (model)", f"{d} µJ (model)")]
     rows = []
     for s in stages:
         row = [s.name, _count(s.params), _count(s.macs), _bytes(s.size_bytes), _bytes(s.onnx_size_bytes),
@@ -107,6 +114,9 @@ def table_rows(stages: list[StageSummary], *, short: bool = False) -> tuple[list
             v = s.latency.get(k)
             row.append(f"{v[0] * 1e3:.2f}/{v[1] * 1e3:.2f}" if v else "-")
         row.append(str(s.threads) if s.threads is not None else "-")
+        for d in devices:
+            v = s.modelled.get(d)
+            row += [f"{v[0]:.3f}", f"{v[1]:,.0f}"] if v else ["-", "-"]
         rows.append(row)
     return header, rows
 
@@ -119,7 +129,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
              for r in [header, *rows]]  # fmt: skip
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("mAP: @[.5:.95]; size: state dict bytes; ONNX: exported file (int8 QDQ when quantized); "
-                 "MACs at batch 1; latency ms: median/p90 of model.forward")
+                 "MACs at batch 1; latency ms: median/p90 of model.forward; (model): slimdet.hw cost models, batch 1")
     return "\n".join(lines)
 
 

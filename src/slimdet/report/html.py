@@ -96,7 +96,8 @@ def _stage_table(stages: list[StageSummary]) -> str:
     note = (
         '<p class="muted">size: state dict bytes on disk; ONNX: the exported file (int8 QDQ for a quantized '
         "stage); MACs at batch 1; latency cells: median/p90 ms of "
-        "model.forward (no NMS) over the profile's runs; last row: last stage vs first (ratio or difference).</p>"
+        "model.forward (no NMS) over the profile's runs; (model): modelled by slimdet.hw (simulate step) at batch 1; "
+        "last row: last stage vs first (ratio or difference).</p>"
     )
     return f'<table class="stages"><tr>{head}</tr>{body}</table>{note}'
 
@@ -112,7 +113,11 @@ def _change_row(stages: list[StageSummary]) -> list[str]:
     for key in latency_columns(stages):
         a, b = first.latency.get(key), last.latency.get(key)
         cells.append(_ratio(a[0] if a else None, b[0] if b else None))
-    return [*cells, ""]
+    cells.append("")  # threads
+    for device in dict.fromkeys(d for s in stages for d in s.modelled):
+        a, b = first.modelled.get(device), last.modelled.get(device)
+        cells += [_ratio(a[i] if a else None, b[i] if b else None) for i in (0, 1)]
+    return cells
 
 
 def _ratio(a: float | None, b: float | None) -> str:
