@@ -53,3 +53,24 @@ $(STAMP_BENCH): $(BENCH_BIN)/python pyproject.toml benchmarks/requirements-quant
 	@touch $@
 
 bench-env: $(STAMP_BENCH)
+
+# Benchmark-only environment (issue 5): the project plus SCALE-Sim, for bench_scalesim.py. SCALE-Sim 3.0.0
+# crashes with numpy >= 2.3, so the project and SCALE-Sim are resolved together against numpy 2.2.x
+# (and the exact torch/torchvision the project pins).
+SCALESIM_VENV := benchmarks/.venv-scalesim
+SCALESIM_BIN := $(SCALESIM_VENV)/bin
+STAMP_SCALESIM := $(SCALESIM_VENV)/.installed-scalesim
+
+.PHONY: bench-scalesim-env
+
+$(SCALESIM_BIN)/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "python3.11 not found; set PY=/path/to/python3.11" >&2; exit 1; }
+	$(PY) -m venv $(SCALESIM_VENV)
+	$(SCALESIM_BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP_SCALESIM): $(SCALESIM_BIN)/python pyproject.toml benchmarks/requirements-scalesim.txt
+	$(SCALESIM_BIN)/pip install -q -e . -r benchmarks/requirements-scalesim.txt
+	$(SCALESIM_BIN)/python -c "import numpy, scalesim, slimdet.hw; assert numpy.__version__.startswith('2.2.'), numpy.__version__"
+	@touch $@
+
+bench-scalesim-env: $(STAMP_SCALESIM)
