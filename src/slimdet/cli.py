@@ -15,7 +15,6 @@ from typing import Any
 from slimdet.errors import ConfigError, SlimdetError
 
 DEMO_DATASET = "digits-det"
-DEMO_BASELINE = "assets/yolo-s_digits-det.pt"  # package data, relative to the slimdet package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,9 +106,64 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--retrain", action="store_true", help="train the baseline instead of using the shipped one")
     de.set_defaults(func=cmd_demo)
 
+    sm = sub.add_parser("simulate", help="model a network on a systolic-array accelerator: per-layer table, plot")
+    sm.add_argument("model", nargs="?", help="registry name or checkpoint file")
+    sm.add_argument("--checkpoint", type=Path, help="slimdet checkpoint (instead of MODEL)")
+    sm.add_argument("--target", required=True, help="systolic accelerator preset (e.g. edge-npu) or spec YAML")
+    sm.add_argument("--input-size", type=int, default=160, help="for a registry name (default 160)")
+    sm.add_argument("--num-classes", type=int, default=10, help="for a registry name (default 10)")
+    sm.add_argument("--out", type=Path, help="also write simulate.json and the breakdown plot simulate.png here")
+    sm.set_defaults(func=cmd_simulate)
+
+    cd = sub.add_parser("codesign", help="search compression policies x accelerator configurations (Pareto report)")
+    cd_src = cd.add_mutually_exclusive_group(required=True)
+    cd_src.add_argument("--model", help="registry name: the shipped baseline for it on --data (e.g. yolo-n, yolo-s)")
+    cd_src.add_argument("--checkpoint", type=Path, help="a trained slimdet checkpoint")
+    cd.add_argument("--data", default="digits-det", help="built-in dataset name or dataset YAML")
+    cd.add_argument("--out", type=Path, required=True, help="output folder (resumes a finished part when re-run)")
+    cd.add_argument("--config", type=Path, help="CodesignConfig YAML (search spaces, selection); defaults otherwise")
+    cd.add_argument("--quiet", action="store_true", help="no progress output")
+    cd.set_defaults(func=cmd_codesign)
+
     mo = sub.add_parser("models", help="list registered models")
     mo.set_defaults(func=cmd_models)
     return p
+
+
+def cmd_codesign(args: argparse.Namespace) -> int:
+    from slimdet.models import load_model
+    from slimdet.search.codesign import CodesignConfig, codesign
+
+    cfg = CodesignConfig()
+    if args.config is not None:
+        import yaml
+        from pydantic import ValidationError
+
+        from slimdet.pipeline.validation import error_messages
+
+        if not args.config.is_file():
+            raise ConfigError(f"{args.config}: codesign config file not found")
+        raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+        try:
+            cfg = CodesignConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(f"{args.config}: " + "; ".join(error_messages(exc, CodesignConfig))) from None
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = shipped_baseline(args.model, str(args.data))
+        if checkpoint is None:
+            raise ConfigError(f"--model {args.model}: no shipped baseline for it on {args.data}; train one "
+                              f"('slimdet train --model {args.model} --data {args.data} --out DIR') and pass "
+                              "--checkpoint DIR/best.pt")  # fmt: skip
+    model, _ = load_model(checkpoint)
+    result = codesign(model.eval(), str(args.data), cfg, out_dir=args.out, checkpoint=checkpoint,
+                      progress=not args.quiet)  # fmt: skip
+    from slimdet.search.codesign_report import pareto_table
+
+    print(pareto_table(result.points, result.pareto, result.chosen))
+    print(f"{len(result.points)} points, {len(result.pareto)} on the Pareto front; report: {args.out / 'report.html'}; "
+          f"chosen recipe: {result.recipe_path} ({result.time_s:.0f} s)")
+    return 0
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -253,6 +307,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from slimdet.hw import layer_table, load_spec
+    from slimdet.hw.plots import breakdown_png
+    from slimdet.hw.spec import SystolicSpec
+    from slimdet.hw.systolic import simulate
+    from slimdet.io import atomic_write
+    from slimdet.models import create_model, load_model
+
+    if (args.model is None) == (args.checkpoint is None):
+        raise ConfigError("simulate: give a MODEL (registry name or checkpoint file) or --checkpoint, not both")
+    spec = load_spec(args.target)
+    if not isinstance(spec, SystolicSpec):
+        raise ConfigError(f"--target: {args.target!r} is a {spec.kind} roofline device; simulate needs a systolic "
+                          "accelerator preset or spec (e.g. edge-npu, tpu-v1, eyeriss, fpga-zcu102)")  # fmt: skip
+    source = args.checkpoint if args.checkpoint is not None else args.model
+    if Path(source).is_file():
+        model, _ = load_model(source)
+    elif args.checkpoint is not None or str(source).endswith((".pt", ".pth")) or "/" in str(source):
+        raise ConfigError(f"{source}: checkpoint file not found")
+    else:
+        model = create_model(source, num_classes=args.num_classes, input_size=args.input_size)
+    table = layer_table(model)
+    result = simulate(table, spec)
+    print(result.to_text())
+    if args.out is not None:
+        _maybe_json(args.out / "simulate.json", {"model": str(source), "target": spec.name, "totals": result.totals(),
+                                                 "layers": result.rows()})  # fmt: skip
+        png = breakdown_png(table, spec)
+        path = atomic_write(args.out / "simulate.png", lambda f: f.write(png))
+        print(f"plot: {path}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from slimdet.models import list_models
 
@@ -260,11 +347,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def shipped_baseline() -> Path | None:
-    """The baseline yolo-s checkpoint shipped as package data, when present."""
+def shipped_baseline(model: str = "yolo-s", data: str = DEMO_DATASET) -> Path | None:
+    """The baseline checkpoint of ``model`` on the built-in ``data`` shipped as package data, when present."""
     from importlib.resources import files
 
-    path = Path(str(files("slimdet").joinpath(DEMO_BASELINE)))
+    path = Path(str(files("slimdet").joinpath(f"assets/{model}_{data}.pt")))
     return path if path.is_file() else None
 
 
