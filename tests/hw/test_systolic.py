@@ -14,6 +14,7 @@ import pytest
 from slimdet.cli import main
 from slimdet.errors import ConfigError
 from slimdet.hw import GemmLayer, layer_table, load_spec
+from slimdet.hw.dram import layer_geometry, scalesim_dram_words
 from slimdet.hw.spec import SystolicSpec
 from slimdet.hw.systolic import simulate
 from slimdet.io import save_checkpoint
@@ -88,6 +89,87 @@ def test_scalesim_mode_matches_recorded_scalesim_counts() -> None:
     )
     assert os_.sram_ofmap_write_bytes[0] == 4096 + 64 * 16
     assert simulate([layer], make_spec(**{**spec.model_dump(), "dataflow": "os"})).sram_ofmap_write_bytes[0] == 4096
+
+
+# SCALE-Sim 3.0.0, CALC mode, DRAM ifmap reads recorded by benchmarks/bench_scalesim.py (runs/bench_scalesim/); the
+# first five were 16-43% off before the read buffer's epoch rule was replayed on the demand stream
+@pytest.mark.parametrize(
+    ("layer", "dataflow", "array", "sram_kb", "ifmap_reads"),
+    [
+        (conv(3, 64, 16, 7, 2, 3), "ws", 8, 16, 169376),  # 7x7 stride-2 stem (was -43%)
+        (conv(16, 64, 32, 3, 2, 1), "ws", 64, 128, 85992),  # 3x3 stride 2 (was +16%)
+        (conv(64, 4, 64, 3, 1, 1), "ws", 16, 4, 15350),  # starved 4 kB buffers (was -25%)
+        (conv(48, 8, 48, 3, 1, 1), "is", 16, 4, 5920),  # (was +28%)
+        (conv(16, 16, 24, 5, 1, 2), "os", 16, 4, 22313),  # 5x5 (was +29%)
+        (conv(48, 8, 96, 3, 2, 1), "ws", 16, 4, 35597),  # stride 2, 6 passes over the inputs
+        (conv(64, 16, 128, 1, 1, 0), "os", 8, 16, 262144),  # 1x1: no reuse, every access is a fetch
+    ],
+    ids=["7x7s2-ws-8x8", "3x3s2-ws-64x64", "3x3-ws-4kB", "3x3-is-4kB", "5x5-os-4kB", "3x3s2-ws-4kB", "1x1-os-8x8"],
+)
+def test_scalesim_ifmap_dram_matches_recorded_runs(layer: GemmLayer, dataflow: str, array: int, sram_kb: int,
+                                                   ifmap_reads: int) -> None:  # fmt: skip
+    size = sram_kb * 1024
+    spec = make_spec(rows=array, cols=array, dataflow=dataflow, ifmap_sram_bytes=size, filter_sram_bytes=size,
+                     ofmap_sram_bytes=size)  # fmt: skip
+    assert simulate([layer], spec, dram="scalesim").dram_ifmap_read_bytes[0] == ifmap_reads
+
+
+def reference_ifmap_fetches(layer: GemmLayer, dataflow: str, rows: int, cols: int, buffer_bytes: int) -> int:
+    """SCALE-Sim's ifmap DRAM reads restated naively: its demand order (folds, skewed lines, lanes) and its read
+    buffer (an address is fetched unless fetched since the epoch began; an epoch is 50 sets of buffer/100 words)."""
+    c, kernel, stride, ho = layer.in_chw[0], layer.kernel[0], layer.stride[0], layer.out_hw[0]
+    side = (ho - 1) * stride + kernel  # SCALE-Sim is given the padded input cropped to what the conv reads
+    m, k = ho * ho, kernel * kernel * c
+
+    def addr(pixel: int, col: int) -> int:
+        (oy, ox), (r, rest) = divmod(pixel, ho), divmod(col, kernel * c)
+        return ((oy * stride + r) * side + ox * stride + rest // c) * c + rest % c
+
+    stream = []
+    for _ in range(math.ceil(layer.n / cols) if dataflow != "is" else 1):
+        if dataflow == "ws":  # per fold of `rows` columns: line t holds pixel t - lane of column fold + lane
+            stream += [addr(t - lane, f + lane) for f in range(0, k, rows) for t in range(m + rows - 1)
+                       for lane in range(rows) if 0 <= t - lane < m and f + lane < k]  # fmt: skip
+        elif dataflow == "os":  # per fold of `rows` pixels: line t holds column t - lane of pixel fold + lane
+            stream += [addr(f + lane, t - lane) for f in range(0, m, rows) for t in range(k + rows - 1)
+                       for lane in range(rows) if 0 <= t - lane < k and f + lane < m]  # fmt: skip
+        else:  # per pixel fold and column fold: one column per line, last first, across `cols` pixels
+            stream += [addr(p + q, f + j) for p in range(0, m, cols) for f in range(0, k, rows)
+                       for j in reversed(range(rows)) for q in range(cols) if f + j < k and p + q < m]  # fmt: skip
+    epoch, fetched, current = 50 * (buffer_bytes // 100), 0, set()
+    for a in stream:
+        if a not in current:
+            current.add(a)
+            fetched += 1
+            if len(current) == epoch:
+                current = set()
+    return fetched
+
+
+@pytest.mark.parametrize("dataflow", ["ws", "os", "is"])
+@pytest.mark.parametrize(
+    ("layer", "buffer_bytes"),
+    [(conv(4, 9, 20, 3, 2, 1), 400), (conv(3, 8, 10, 3, 1, 1), 300), (conv(2, 12, 12, 5, 1, 2), 500),
+     (conv(8, 6, 64, 3, 2, 1), 600)],  # 16 passes (ws/os): epochs repeat every few passes, which are skipped
+    ids=["3x3s2", "3x3", "5x5", "3x3s2-16-passes"],
+)  # fmt: skip
+def test_scalesim_ifmap_replay_matches_naive_reference(layer: GemmLayer, buffer_bytes: int, dataflow: str) -> None:
+    """The replay (NumPy chunks, repeating passes skipped) against a plain restatement of SCALE-Sim's rule."""
+    spec = make_spec(dataflow=dataflow, ifmap_sram_bytes=buffer_bytes)
+    expected = reference_ifmap_fetches(layer, dataflow, 4, 4, buffer_bytes)
+    assert expected > layer.input_elements  # the epochs cut the stream: inputs are fetched more than once
+    assert simulate([layer], spec, dram="scalesim").dram_ifmap_read_bytes[0] == expected
+
+
+def test_scalesim_ifmap_replay_extrapolates_past_its_budget() -> None:
+    layer = conv(3, 64, 16, 7, 2, 3)  # 2 passes of 150,528 accesses on an 8x8 array
+    spec = make_spec(rows=8, cols=8, ifmap_sram_bytes=16384)
+    geo = layer_geometry([layer])
+    arrays = {key: np.asarray([float(getattr(layer, key))]) for key in ("m", "k", "n")}
+    exact = scalesim_dram_words(geo, **arrays, spec=spec)[0][0]
+    capped = scalesim_dram_words(geo, **arrays, spec=spec, max_scan=100_000)[0][0]
+    assert exact == 169376
+    assert capped != exact and capped == pytest.approx(exact, rel=0.05)
 
 
 def test_dram_grows_when_layer_outgrows_buffers() -> None:

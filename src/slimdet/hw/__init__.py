@@ -1,6 +1,7 @@
 """Hardware in the loop: specs (:mod:`.spec`), the layer table (:mod:`.layers`), the systolic-array
 accelerator model (:mod:`.systolic`), roofline devices (:mod:`.roofline`) and measurements (:mod:`.measure`)."""
 
+from slimdet.hw.cost import gemm_costs, model_cost
 from slimdet.hw.layers import ElementOp, GemmLayer, LayerTable, layer_table
 from slimdet.hw.spec import (
     Dataflow,
@@ -12,6 +13,8 @@ from slimdet.hw.spec import (
     load_spec,
     spec_from_dict,
 )
+from slimdet.hw.systolic import DramModel, SimResult, simulate
 
-__all__ = ["Dataflow", "ElementOp", "EnergyTable", "GemmLayer", "HardwareSpec", "LayerTable", "RooflineSpec",
-           "SystolicSpec", "layer_table", "list_presets", "load_spec", "spec_from_dict"]
+__all__ = ["Dataflow", "DramModel", "ElementOp", "EnergyTable", "GemmLayer", "HardwareSpec", "LayerTable",
+           "RooflineSpec", "SimResult", "SystolicSpec", "gemm_costs", "layer_table", "list_presets", "load_spec",
+           "model_cost", "simulate", "spec_from_dict"]
