@@ -32,7 +32,8 @@ def test_gemm_shapes_by_hand():
     conv, dw, fc, mm = table.gemm
     # conv: 8 x 8 outputs per image, batch 2 -> m = 128; k = 3 x 3 x 3; n = 8
     assert (conv.op, conv.m, conv.k, conv.n, conv.groups) == ("conv", 128, 27, 8, 1)
-    assert (conv.in_chw, conv.kernel, conv.stride, conv.padding, conv.out_hw) == ((3, 16, 16), (3, 3), (2, 2), (1, 1), (8, 8))
+    geometry = (conv.in_chw, conv.kernel, conv.stride, conv.padding, conv.out_hw)
+    assert geometry == ((3, 16, 16), (3, 3), (2, 2), (1, 1), (8, 8))
     assert conv.macs == 128 * 27 * 8 and conv.input_elements == 2 * 3 * 16 * 16
     # depthwise: 8 independent GEMMs of (128 x 9) @ (9 x 1)
     assert (dw.op, dw.m, dw.k, dw.n, dw.groups) == ("dwconv", 128, 9, 1, 8)

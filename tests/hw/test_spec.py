@@ -46,7 +46,8 @@ def test_preset_facts():
     fpga = load_spec("fpga-zcu102")
     assert fpga.pes / 2 <= 2520  # two int8 MACs per DSP48E2 slice, within the device's budget
     cpu = load_spec("cpu-zen5-2c")
-    assert isinstance(cpu, RooflineSpec) and cpu.peak("int8") > cpu.peak("fp32") and cpu.peak("fp16") == cpu.peak("fp32")
+    assert isinstance(cpu, RooflineSpec) and cpu.peak("int8") > cpu.peak("fp32")
+    assert cpu.peak("fp16") == cpu.peak("fp32")  # no faster fp16 path: falls back
     assert set(list_presets()) >= REQUIRED
 
 

@@ -13,7 +13,8 @@ from slimdet.search.codesign import CodesignConfig, HardwareSpace, choose, codes
 from slimdet.search.pareto import pareto_mask
 
 TINY = {
-    "hardware": {"arrays": [[8, 8], [16, 16]], "sram_kib": [16, 64], "dram_bytes_per_cycle": [8], "dataflows": ["ws", "os"]},
+    "hardware": {"arrays": [[8, 8], [16, 16]], "sram_kib": [16, 64], "dram_bytes_per_cycle": [8],
+                 "dataflows": ["ws", "os"]},
     "compression": {"macs_ratios": [1.0, 0.6], "weight_bits": [8, 4], "finetune_epochs": 1,
                     "finetune_steps_per_epoch": 1, "calib_images": 8, "adaround_iters": 2},
     "eval_images": 6,
@@ -81,7 +82,8 @@ def test_cli_codesign_with_a_config(fitted_tiny, tiny_digits, tmp_path, capsys):
     from slimdet.cli import main
     from slimdet.io import save_checkpoint
 
-    ckpt = save_checkpoint(tmp_path / "m.pt", model_config=fitted_tiny.model_config, state_dict=fitted_tiny.state_dict())
+    ckpt = save_checkpoint(tmp_path / "m.pt", model_config=fitted_tiny.model_config,
+                           state_dict=fitted_tiny.state_dict())  # fmt: skip
     small = {**TINY, "compression": {**TINY["compression"], "macs_ratios": [1.0], "weight_bits": [8]}}
     (tmp_path / "cd.yaml").write_text(yaml.safe_dump(small))
     rc = main(["codesign", "--checkpoint", str(ckpt), "--data", str(tiny_digits), "--out", str(tmp_path / "o"),

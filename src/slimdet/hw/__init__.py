@@ -3,6 +3,7 @@ accelerator model (:mod:`.systolic`), roofline devices (:mod:`.roofline`) and me
 
 from slimdet.hw.cost import gemm_costs, model_cost
 from slimdet.hw.layers import ElementOp, GemmLayer, LayerTable, layer_table
+from slimdet.hw.roofline import RooflineResult, estimate
 from slimdet.hw.spec import (
     Dataflow,
     EnergyTable,
@@ -16,5 +17,5 @@ from slimdet.hw.spec import (
 from slimdet.hw.systolic import DramModel, SimResult, simulate
 
 __all__ = ["Dataflow", "DramModel", "ElementOp", "EnergyTable", "GemmLayer", "HardwareSpec", "LayerTable",
-           "RooflineSpec", "SimResult", "SystolicSpec", "gemm_costs", "layer_table", "list_presets", "load_spec",
-           "model_cost", "simulate", "spec_from_dict"]
+           "RooflineResult", "RooflineSpec", "SimResult", "SystolicSpec", "gemm_costs", "layer_table", "list_presets", "load_spec",
+           "model_cost", "simulate", "spec_from_dict", "estimate"]

@@ -113,6 +113,8 @@ _KINDS = {
     **dict.fromkeys(("native_batch_norm", "_native_batch_norm_legit_no_training", "batch_norm",
                      "native_layer_norm", "native_group_norm"), "norm"),  # fmt: skip
 }
+_ARRAY_KEYS = ("m", "k", "n", "groups", "weight_bits", "act_bits", "macs", "weight_elements", "input_elements",
+               "output_elements")  # fmt: skip
 _GEMM_ATEN = {"mm", "bmm", "matmul", "addmm", "baddbmm"}
 _IGNORED = {"fake_quantize_per_tensor_affine", "fake_quantize_per_channel_affine", "detach", "empty_like",
             "zeros_like", "ones_like", "full_like", "arange", "empty", "zeros", "ones", "full", "lift_fresh",
@@ -143,15 +145,13 @@ class LayerTable:
         input_elements, output_elements``."""
         cols: dict[str, list[float]] = defaultdict(list)
         for layer in self.gemm:
-            for key in ("m", "k", "n", "groups", "weight_bits", "act_bits", "macs", "weight_elements",
-                        "input_elements", "output_elements"):  # fmt: skip
+            for key in _ARRAY_KEYS:
                 cols[key].append(getattr(layer, key))
             cols["weight_sparsity"].append(layer.weight_sparsity)
         out = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items() if k != "weight_sparsity"}
         out["weight_sparsity"] = np.asarray(cols["weight_sparsity"], dtype=np.float64)
         if not self.gemm:
-            out = {k: np.zeros(0, np.int64) for k in ("m", "k", "n", "groups", "weight_bits", "act_bits", "macs",
-                                                      "weight_elements", "input_elements", "output_elements")}  # fmt: skip
+            out = {k: np.zeros(0, np.int64) for k in _ARRAY_KEYS}
             out["weight_sparsity"] = np.zeros(0)
         return out
 
@@ -241,7 +241,8 @@ def _gemm_row(name: str, module: nn.Module, x: Tensor, out: Tensor) -> GemmLayer
                          padding=tuple(pad), out_hw=(oh, ow))  # type: ignore[arg-type]  # fmt: skip
     rows = x.numel() // module.in_features  # type: ignore[operator]
     return GemmLayer(name=name, op="linear", m=rows, k=module.in_features, n=module.out_features,  # type: ignore[arg-type]
-                     weight_bits=wbits, act_bits=abits, weight_sparsity=sparsity, batch=x.shape[0] if x.dim() > 1 else 1)  # fmt: skip
+                     weight_bits=wbits, act_bits=abits, weight_sparsity=sparsity,
+                     batch=x.shape[0] if x.dim() > 1 else 1)  # fmt: skip
 
 
 def _layer_quant(module: nn.Module) -> tuple[int, int, float]:
@@ -313,7 +314,7 @@ class _OpRecorder(TorchDispatchMode):
             return out
         returns = func._schema.returns
         is_view = bool(returns) and returns[0].alias_info is not None and not func._schema.is_mutable
-        if name in _IGNORED or is_view:
+        if name in _IGNORED or name.lstrip("_").startswith("fake_quantize") or is_view:
             return out
         where = self.names.get(self.stack[-1], "") if self.stack else ""
         if self.phase == "postprocess":

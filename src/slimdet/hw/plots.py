@@ -35,8 +35,8 @@ def breakdown_png(table: LayerTable, spec: HardwareSpec, *, top: int = 25) -> by
                  "overhead": np.asarray(est.overhead_s)[gemm] * 1e6}  # fmt: skip
         # a roofline layer takes the larger of compute and memory: show the binding one
         bound = parts["compute"] >= parts["memory"]
-        parts = {"compute-bound": np.where(bound, parts["compute"], 0), "memory-bound": np.where(bound, 0, parts["memory"]),
-                 "overhead": parts["overhead"]}  # fmt: skip
+        parts = {"compute-bound": np.where(bound, parts["compute"], 0),
+                 "memory-bound": np.where(bound, 0, parts["memory"]), "overhead": parts["overhead"]}  # fmt: skip
         lat = np.asarray(est.latency_s)
         energy = {"GEMM layers": float(np.asarray(est.energy_j)[gemm].sum() * 1e12),
                   "other ops": float(np.asarray(est.energy_j)[~gemm].sum() * 1e12)}  # fmt: skip

@@ -276,15 +276,17 @@ def _write_choice(out: Path, point: dict[str, Any], spec: SystolicSpec, cfg: Cod
     chosen = out / "chosen"
     chosen.mkdir(parents=True, exist_ok=True)
     head = (f"# Chosen by slimdet codesign (Pareto front of mAP@.5, latency, energy, area): {spec.name},\n"
-            f"# derived from the {cfg.hardware.base!r} preset, whose sources apply to the values not searched.\n")  # fmt: skip
+            f"# derived from the {cfg.hardware.base!r} preset, whose sources apply to the values not "
+            "searched.\n")  # fmt: skip
     atomic_write_text(chosen / "hardware.yaml", head + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     comp = cfg.compression
     steps: list[Any] = [{"evaluate": {"split": cfg.eval_split}}, "simulate"]
     if point["macs_ratio"] < 1.0:
         steps.append({"prune": {"importance": comp.importance, "macs_ratio": point["macs_ratio"]}})
         if comp.finetune_epochs:
-            steps.append({"finetune": {"epochs": comp.finetune_epochs, "lr": 1e-3, "warmup_epochs": 0.1,
-                                       "max_steps_per_epoch": comp.finetune_steps_per_epoch, "val_split": None}})  # fmt: skip
+            finetune = {"epochs": comp.finetune_epochs, "lr": 1e-3, "warmup_epochs": 0.1, "val_split": None,
+                        "max_steps_per_epoch": comp.finetune_steps_per_epoch}  # fmt: skip
+            steps.append({"finetune": finetune})
     steps += [
         {"quantize": {"weight_bits": point["weight_bits"], "act_bits": comp.act_bits, "runtime_aware": False,
                       "adaround_iters": comp.adaround_iters, "calib_images": comp.calib_images}},  # fmt: skip

@@ -34,8 +34,9 @@ def pareto_table(points: list[dict[str, Any]], front: list[int], chosen: int) ->
 
 def write_outputs(result: CodesignResult, cfg: CodesignConfig) -> None:
     out, points, front, chosen = result.out_dir, result.points, result.pareto, result.chosen
-    atomic_write_json(out / "points.json", {"points": points, "pareto": front, "chosen": chosen,
-                                            "time_s": result.time_s, "config": cfg.model_dump(mode="json")})  # fmt: skip
+    summary = {"points": points, "pareto": front, "chosen": chosen, "time_s": result.time_s,
+               "config": cfg.model_dump(mode="json")}  # fmt: skip
+    atomic_write_json(out / "points.json", summary)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
