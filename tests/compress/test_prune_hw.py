@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -17,6 +18,15 @@ from slimdet.hw.spec import load_spec
 from slimdet.models import create_model
 
 SIZE = 64
+TARGETS = [
+    {"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
+    {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0], [2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([0, 2])},
+]
+
+
+def _calib():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.rand(2, 3, SIZE, SIZE, generator=g), TARGETS)]
 
 
 def _model(name: str = "yolo-test"):
@@ -62,7 +72,7 @@ def test_latency_target_is_met_within_5_percent_on_the_pruned_model(allocation):
     before = modelled_latency_ms(m, spec)
     target = 0.7 * before
     r = prune(m, PruneConfig(target=Latency(ms=target, device="edge-npu"), allocation=allocation, scope="layer"),
-              progress=False)  # fmt: skip
+              calib=_calib(), progress=False)  # fmt: skip
     after = model_cost(layer_table(m, m.example_inputs(1), postprocess=False), spec)[0] * 1e3
     assert after == pytest.approx(r.achieved)
     assert abs(after - target) <= 0.05 * target, (before, target, after)
@@ -73,4 +83,18 @@ def test_latency_target_is_met_within_5_percent_on_the_pruned_model(allocation):
 def test_an_unreachable_latency_names_the_best_reachable():
     m = _model()
     with pytest.raises(ConfigError, match=r"out of reach on edge-npu.*modelled latency is [0-9.]+ ms"):
-        prune(m, PruneConfig(target=Latency(ms=1e-6, device="edge-npu")), progress=False)
+        prune(m, PruneConfig(target=Latency(ms=1e-6, device="edge-npu")), calib=_calib(), progress=False)
+
+
+def test_damage_curves_follow_the_scan_and_keep_rising():
+    from slimdet.compress.prune_hw import damage_curves
+    from slimdet.search.sensitivity import SensitivityResult, SensitivityRow
+
+    rows = (SensitivityRow("a", 8, 0.5, {0.25: 0.1, 0.5: 0.05, 0.75: 0.4}),  # a dip is flattened
+            SensitivityRow("b", 4, 0.5, {0.25: -0.01, 0.5: 0.0, 0.75: 0.02}))  # fmt: skip
+    curves = damage_curves(SensitivityResult("loss", "l2", (0.25, 0.5, 0.75), 1.0, rows), {"a": 8, "b": 4, "c": 2})
+    a = curves["a"]
+    assert a[0] == 0 and a[2] == pytest.approx(0.1) and a[4] == pytest.approx(0.1) and a[6] == pytest.approx(0.4)
+    assert np.all(np.diff(a) >= 0) and a[8] == pytest.approx(0.4 + (0.4 - 0.1) / 0.25 * 0.25)
+    assert np.all(curves["b"] >= 0) and curves["b"][3] == pytest.approx(0.02)
+    assert "c" not in curves and curves["__median__"][0] == 0

@@ -231,8 +231,9 @@ def prune(
     latency_before = modelled_latency_ms(model, spec, example) if spec is not None else None
     macs_before = total_macs(model, example[:1])
     params_before = sum(p.numel() for p in model.parameters())
-    scan = _sensitivity(model, cfg, calib, protected, example, progress) if cfg.allocation == "sensitivity" else None
-    weights = _weights(scan) if scan is not None else None
+    scanned = cfg.allocation == Allocation.SENSITIVITY or (cfg.allocation == Allocation.LATENCY and bool(calib))
+    scan = _sensitivity(model, cfg, calib, protected, example, progress) if scanned else None
+    weights = _weights(scan) if scan is not None and cfg.allocation == Allocation.SENSITIVITY else None
 
     records: list[dict[str, Any]] = []
     original_units: dict[str, int] = {}
@@ -245,7 +246,7 @@ def prune(
             if not graph.groups:
                 raise ConfigError(f"nothing to prune in {type(model).__name__}: every layer is protected or ignored")
         planner = _planner(graph, cfg, criterion, calib, original_units, weights, share=k / cfg.iterative_steps)
-        cost = PlanCost(planner, spec) if spec is not None else None
+        cost = PlanCost(planner, spec, scan if cfg.allocation == Allocation.LATENCY else None) if spec else None
         if k == 1:
             _check_reachable(planner, cfg, macs_before, params_before, cost)
         plan = _plan_for_target(planner, cfg, macs_before, params_before, share=k / cfg.iterative_steps, cost=cost,
@@ -339,7 +340,8 @@ def _planner(
         order[group.name] = torch.argsort(imp, stable=True)
     fixed = _override_ratios(graph, cfg, share)
     return Planner(graph, order, scores, original_units, cfg.max_pruning_ratio, cfg.round_to, fixed=fixed,
-                   weights=weights, global_scope=cfg.scope == Scope.GLOBAL)  # fmt: skip
+                   weights=weights,  # the latency allocation starts from every group cut alike
+                   global_scope=cfg.scope == Scope.GLOBAL and cfg.allocation != Allocation.LATENCY)  # fmt: skip
 
 
 def _override_ratios(graph: PruneGraph, cfg: PruneConfig, share: float) -> dict[str, float]:
@@ -369,10 +371,17 @@ def _plan_for_target(
         # the rounds share the way down from the original latency (before round 1) to the target
         start_s = (latency0_ms or cost.base_latency_s * 1e3) / 1e3
         target_s = start_s - (start_s - value / 1e3) * min(1.0, share)
-        def plan_at(goal_s: float) -> dict[str, int]:
-            if cfg.allocation == Allocation.LATENCY:
-                return greedy_plan(planner, cost, goal_s, progress=progress)
+        def uniform_at(goal_s: float) -> dict[str, int]:
             return planner.plan(search(lambda x: cost.latency_s(planner.plan(x)), goal_s))
+
+        def plan_at(goal_s: float) -> dict[str, int]:
+            if cfg.allocation != Allocation.LATENCY:
+                return uniform_at(goal_s)
+            # start a quarter deeper than needed with every group cut alike, then give the latency back
+            # where it buys the most (the cut phase takes over when even that start is out of reach)
+            deeper = goal_s - 0.25 * max(cost.base_latency_s - goal_s, 0.0)
+            start = uniform_at(deeper) if cost.latency_s(planner.plan(1.0)) <= deeper else None
+            return greedy_plan(planner, cost, goal_s, start=start, progress=progress)
 
         return fit_latency(planner, cost, plan_at, target_s)
     if key == "ratio":

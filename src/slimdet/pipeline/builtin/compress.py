@@ -36,7 +36,7 @@ def prune_step(ctx: RunContext, model: Detector, opts: PruneOptions) -> StepOutp
     from slimdet.compress.prune import prune
 
     cfg = PruneConfig(**{k: getattr(opts, k) for k in PruneConfig.model_fields})
-    needs_calib = cfg.importance in ("taylor", "hessian") or cfg.allocation == "sensitivity"
+    needs_calib = cfg.importance in ("taylor", "hessian") or cfg.allocation in ("sensitivity", "latency")
     calib = calib_batches(ctx, opts.calib_split, opts.calib_images, opts.calib_batches) if needs_calib else None
     finetune = _round_finetune(ctx, opts) if cfg.iterative_steps > 1 and opts.round_finetune_epochs else None
     result = prune(model, cfg, calib=calib, finetune=finetune, progress=ctx.progress)
