@@ -83,9 +83,9 @@ class CompressionSpace(BaseModel):
     importance: str = "l2"
     #: fine-tuning after pruning: epochs, and at most this many steps per epoch (None: the full epoch)
     finetune_epochs: int = Field(1, ge=0)
-    finetune_steps_per_epoch: int | None = Field(80, ge=1)
+    finetune_steps_per_epoch: int | None = Field(40, ge=1)
     calib_images: int = Field(64, ge=8)
-    adaround_iters: int = Field(100, ge=1)
+    adaround_iters: int = Field(50, ge=1)
 
     @field_validator("macs_ratios")
     @classmethod
