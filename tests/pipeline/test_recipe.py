@@ -125,6 +125,8 @@ def test_invalid_yaml_names_line(tmp_path):
 def test_default_recipe_is_valid():
     path = Path(__file__).resolve().parents[2] / "recipes" / "default.yaml"
     recipe = load_recipe(path, check_files=False)
-    assert [s.name for s in recipe.steps] == ["evaluate", "profile", "export"]
+    names = [s.name for s in recipe.steps]
+    # measure, compress (int8 for ONNX Runtime), measure the same way again, export
+    assert names == ["evaluate", "profile", "simulate", "quantize", "evaluate", "profile", "simulate", "export"]
     assert recipe.checkpoint is not None and recipe.checkpoint.endswith("yolo-s_digits-det.pt")
     assert recipe.dataset == "digits-det"
