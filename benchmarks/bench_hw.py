@@ -121,7 +121,8 @@ def run_prune(args: argparse.Namespace) -> dict:
                       "prune_s": prune_s, "finetune_s": time.perf_counter() - t0, "channels": result.channels,
                       **_hw(model)}  # fmt: skip
         print(name, {k: v for k, v in rows[name].items() if k != "channels"}, flush=True)
-    return {"command": f"benchmarks/bench_hw.py --part prune --epochs {args.epochs} --speedup {args.speedup}",
+    return {"command": f"benchmarks/bench_hw.py --part prune --epochs {args.epochs} --speedup {args.speedup} "
+                       f"--threads {args.threads}",
             "device": DEVICE, "target_ms": target.ms, "epochs": args.epochs, "finetune": ft_cfg.model_dump(),
             "rows": rows, "environment": environment(threads=args.threads)}  # fmt: skip
 
@@ -166,7 +167,8 @@ def run_mp(args: argparse.Namespace) -> dict:
                       "allocation": result.allocation, "kept_float": result.kept_float,
                       "quantize_s": quant_s, "qat_s": time.perf_counter() - t0}  # fmt: skip
         print(name, {k: v for k, v in rows[name].items() if k != "allocation"}, flush=True)
-    return {"command": f"benchmarks/bench_hw.py --part mp --qat-epochs {args.qat_epochs} --energy-ratio {args.energy_ratio:.4f}",
+    return {"command": f"benchmarks/bench_hw.py --part mp --qat-epochs {args.qat_epochs} --energy-ratio "
+                       f"{args.energy_ratio:.4f} --threads {args.threads}",
             "device": DEVICE, "qat_epochs": args.qat_epochs, "energy_ratio": args.energy_ratio, "rows": rows,
             "environment": environment(threads=args.threads)}  # fmt: skip
 
