@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from slimdet.compress.importance import IMPORTANCE, Calib, make_importance
 from slimdet.compress.prune_graph import ROOT_TYPES, PruneGraph, replay_history, resolve_names
-from slimdet.compress.prune_hw import Latency, PlanCost, fit_latency, greedy_plan, modelled_latency_ms
+from slimdet.compress.prune_hw import Latency, PlanCost, modelled_latency_ms, plan_to_latency
 from slimdet.compress.prune_plan import Planner, search
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
@@ -50,7 +50,7 @@ class Scope(StrEnum):
 class Allocation(StrEnum):
     UNIFORM = "uniform"  # the scope decides
     SENSITIVITY = "sensitivity"  # per-group ratios from a sensitivity scan: sensitive groups lose less
-    LATENCY = "latency"  # greedy cuts by modelled latency saved per importance lost (target=Latency)
+    LATENCY = "latency"  # even cut, then channels given back by damage undone per modelled µs (target=Latency)
 
 
 class PruneConfig(BaseModel):
@@ -367,23 +367,11 @@ def _plan_for_target(
     progress: bool = False,
 ) -> dict[str, int]:
     key, value = cfg.goal
-    if key == "latency_ms" and cost is not None:
+    if key == "latency_ms" and cost is not None and latency0_ms is not None:
         # the rounds share the way down from the original latency (before round 1) to the target
-        start_s = (latency0_ms or cost.base_latency_s * 1e3) / 1e3
-        target_s = start_s - (start_s - value / 1e3) * min(1.0, share)
-        def uniform_at(goal_s: float) -> dict[str, int]:
-            return planner.plan(search(lambda x: cost.latency_s(planner.plan(x)), goal_s))
-
-        def plan_at(goal_s: float) -> dict[str, int]:
-            if cfg.allocation != Allocation.LATENCY:
-                return uniform_at(goal_s)
-            # start a quarter deeper than needed with every group cut alike, then give the latency back
-            # where it buys the most (the cut phase takes over when even that start is out of reach)
-            deeper = goal_s - 0.25 * max(cost.base_latency_s - goal_s, 0.0)
-            start = uniform_at(deeper) if cost.latency_s(planner.plan(1.0)) <= deeper else None
-            return greedy_plan(planner, cost, goal_s, start=start, progress=progress)
-
-        return fit_latency(planner, cost, plan_at, target_s)
+        target_ms = latency0_ms - (latency0_ms - value) * min(1.0, share)
+        return plan_to_latency(planner, cost, target_ms / 1e3, greedy=cfg.allocation == Allocation.LATENCY,
+                               progress=progress)  # fmt: skip
     if key == "ratio":
         if planner.weights is None:
             return planner.plan(value * share)

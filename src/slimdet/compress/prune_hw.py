@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from slimdet.compress.prune_graph import PruneGraph
-from slimdet.compress.prune_plan import Planner
+from slimdet.compress.prune_plan import Planner, search
 from slimdet.errors import ConfigError
 from slimdet.hw.cost import channel_granularity, gemm_costs, model_cost
 from slimdet.hw.layers import GemmLayer, LayerTable, layer_table
@@ -40,6 +40,8 @@ from slimdet.hw.spec import HardwareSpec, load_spec
 
 if TYPE_CHECKING:
     from slimdet.search.sensitivity import SensitivityResult
+
+Lost = dict[tuple[str, str], int]  # (layer, "in" | "out") -> channels lost
 
 
 class Latency(BaseModel):
@@ -84,11 +86,13 @@ class PlanCost:
 
     def __init__(self, planner: Planner, spec: HardwareSpec, scan: SensitivityResult | None = None) -> None:
         graph: PruneGraph = planner.graph
-        self.planner, self.spec = planner, spec
+        self.spec = spec
         self.table = layer_table(graph.model, graph.example_inputs[:1], postprocess=False)
+        #: the layer of each GEMM row ("name#2" is the second call of layer "name")
+        self.layer = [row.name.split("#")[0] for row in self.table.gemm]
         self.rows: dict[str, list[int]] = {}
-        for i, row in enumerate(self.table.gemm):
-            self.rows.setdefault(row.name.split("#")[0], []).append(i)
+        for i, layer in enumerate(self.layer):
+            self.rows.setdefault(layer, []).append(i)
         base = gemm_costs(self.table, spec)
         self.base_s = base.latency_s
         self.other_s = base.other_latency_s
@@ -115,22 +119,27 @@ class PlanCost:
     def base_latency_s(self) -> float:
         return float(self.base_s.sum()) + self.other_s
 
-    def lost(self, plan: dict[str, int]) -> dict[tuple[str, str], int]:
+    def lost(self, plan: dict[str, int]) -> Lost:
         """Channels lost per (layer, "in" | "out") when each group drops its first ``plan[group]`` units."""
-        out: dict[tuple[str, str], int] = {}
+        out: Lost = {}
         for name, k in plan.items():
-            for layer, direction, cum in self.cuts.get(name, ()):
-                if k:
-                    out[(layer, direction)] = out.get((layer, direction), 0) + int(cum[k])
+            if k:
+                self.move(out, name, 0, k)
         return out
+
+    def move(self, lost: Lost, name: str, k_from: int, k_to: int) -> Lost:
+        """``lost`` updated in place for group ``name`` going from ``k_from`` to ``k_to`` units removed."""
+        for layer, direction, cum in self.cuts.get(name, ()):
+            lost[(layer, direction)] = lost.get((layer, direction), 0) + int(cum[k_to] - cum[k_from])
+        return lost
 
     def rows_cost_s(self, layers: set[str], lost: dict[tuple[str, str], int]) -> float:
         """Modelled latency of the GEMM rows of ``layers`` after losing ``lost`` channels."""
         idx = [i for layer in layers for i in self.rows.get(layer, ())]
         if not idx:
             return 0.0
-        rows = tuple(_shrink(self.table.gemm[i], lost.get((self.table.gemm[i].name.split("#")[0], "out"), 0),
-                             lost.get((self.table.gemm[i].name.split("#")[0], "in"), 0)) for i in idx)  # fmt: skip
+        rows = tuple(_shrink(self.table.gemm[i], lost.get((self.layer[i], "out"), 0),
+                             lost.get((self.layer[i], "in"), 0)) for i in idx)  # fmt: skip
         return float(gemm_costs(LayerTable(gemm=rows), self.spec).latency_s.sum())
 
     def latency_s(self, plan: dict[str, int]) -> float:
@@ -183,25 +192,26 @@ def greedy_plan(
     window = max(2 * channel_granularity(cost.spec), 2)
     current = cost.latency_s(plan)
 
-    def step(name: str, extra: int) -> tuple[float, float]:
-        """(latency change, damage change) of moving group ``name`` by ``extra`` units (< 0: give back)."""
+    def steps(name: str, extras: range) -> Iterator[tuple[int, float, float]]:
+        """(extra, latency change, damage change) of moving group ``name`` by each of ``extras`` units
+        (negative: give back), the other groups staying where they are."""
         lost = cost.lost(plan)
         before = cost.rows_cost_s(layers_of[name], lost)
-        after = cost.rows_cost_s(layers_of[name], cost.lost({**plan, name: plan[name] + extra}))
-        imp = cost.importance[name]
-        return after - before, float(imp[plan[name] + extra] - imp[plan[name]])
+        imp, k = cost.importance[name], plan[name]
+        for extra in extras:
+            after = cost.rows_cost_s(layers_of[name], cost.move(dict(lost), name, k, k + extra))
+            yield extra, after - before, float(imp[k + extra] - imp[k])
 
     def cut_offer(name: str) -> tuple[float, int] | None:
-        for extra in range(1, min(window, limit[name] - plan[name]) + 1):
-            d_lat, d_dmg = step(name, extra)
+        for extra, d_lat, d_dmg in steps(name, range(1, min(window, limit[name] - plan[name]) + 1)):
             if d_lat < -1e-15:
                 return -d_lat / max(d_dmg, 1e-12), extra
         return None
 
     def give_offer(name: str) -> tuple[float, int] | None:
         best: tuple[float, int] | None = None
-        for extra in range(1, min(window, plan[name]) + 1):
-            d_lat, d_dmg = step(name, -extra)
+        for back, d_lat, d_dmg in steps(name, range(-1, -min(window, plan[name]) - 1, -1)):
+            extra = -back
             if current + d_lat > target_s:
                 break
             value = (float("inf"), extra) if d_lat <= 1e-15 else (-d_dmg / d_lat, extra)
@@ -294,3 +304,23 @@ def damage_curves(scan: SensitivityResult, units: dict[str, int]) -> dict[str, n
         n = max(units.values())
         curves["__median__"] = np.linspace(0.0, finals, n + 1)
     return curves
+
+
+def plan_to_latency(
+    planner: Planner, cost: PlanCost, target_s: float, *, greedy: bool, progress: bool
+) -> dict[str, int]:
+    """The plan that meets ``target_s`` on the pruned model: every group cut alike by bisection, or
+    (``greedy``) cut alike a quarter deeper than needed and the latency then given back where it buys
+    the most (:func:`greedy_plan`; its cut phase takes over when even that start is out of reach)."""
+
+    def uniform_at(goal_s: float) -> dict[str, int]:
+        return planner.plan(search(lambda x: cost.latency_s(planner.plan(x)), goal_s))
+
+    def plan_at(goal_s: float) -> dict[str, int]:
+        if not greedy:
+            return uniform_at(goal_s)
+        deeper = goal_s - 0.25 * max(cost.base_latency_s - goal_s, 0.0)
+        start = uniform_at(deeper) if cost.latency_s(planner.plan(1.0)) <= deeper else None
+        return greedy_plan(planner, cost, goal_s, start=start, progress=progress)
+
+    return fit_latency(planner, cost, plan_at, target_s)

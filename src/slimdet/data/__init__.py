@@ -7,7 +7,14 @@ Typical use::
 """
 
 from slimdet.data.coco import read_coco
-from slimdet.data.dataset import DetectionDataset, collate, load_dataset, make_loader, resolve_source
+from slimdet.data.dataset import (
+    DetectionDataset,
+    calibration_batches,
+    collate,
+    load_dataset,
+    make_loader,
+    resolve_source,
+)
 from slimdet.data.records import ImageRecord, RecordSet
 from slimdet.data.spec import BUILTIN_DATASETS, DatasetFormat, DatasetSpec, load_spec, register_builtin
 from slimdet.data.transforms import Augment, hflip, letterbox, unletterbox
@@ -19,6 +26,7 @@ __all__ = [
     "DatasetFormat",
     "DatasetSpec",
     "DetectionDataset",
+    "calibration_batches",
     "ImageRecord",
     "RecordSet",
     "collate",

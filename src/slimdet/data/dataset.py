@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,14 @@ def make_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
     )
+
+
+def calibration_batches(ds: DetectionDataset, *, images: int, batches: int) -> list[tuple[Any, Any]]:
+    """``images`` evenly spaced items of ``ds`` (all when fewer), as ``batches`` (images, targets) batches."""
+    if images < len(ds):
+        ds = ds.subset(images)
+    batch_size = max(1, math.ceil(len(ds) / batches))
+    return list(make_loader(ds, batch_size=batch_size, shuffle=False))[:batches]
 
 
 def load_dataset(

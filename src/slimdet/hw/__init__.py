@@ -17,5 +17,5 @@ from slimdet.hw.spec import (
 from slimdet.hw.systolic import DramModel, SimResult, simulate
 
 __all__ = ["Dataflow", "DramModel", "ElementOp", "EnergyTable", "GemmLayer", "HardwareSpec", "LayerTable",
-           "RooflineResult", "RooflineSpec", "SimResult", "SystolicSpec", "gemm_costs", "layer_table", "list_presets", "load_spec",
-           "model_cost", "simulate", "spec_from_dict", "estimate"]
+           "RooflineResult", "RooflineSpec", "SimResult", "SystolicSpec", "estimate", "gemm_costs", "layer_table",
+           "list_presets", "load_spec", "model_cost", "simulate", "spec_from_dict"]  # fmt: skip

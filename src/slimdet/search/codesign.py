@@ -32,6 +32,7 @@ from slimdet.hw.spec import Dataflow, SystolicSpec, load_spec, replace
 from slimdet.io import atomic_write_json, atomic_write_text, save_checkpoint
 from slimdet.search.pareto import pareto_front
 
+CALIB_BATCHES = 4  # calibration images are cut into this many batches, in the search and in the chosen recipe
 OBJECTIVES = {"map50": "max", "latency_ms": "min", "energy_uj": "min", "area": "min"}
 
 
@@ -152,7 +153,8 @@ def codesign(
         checkpoint: the file ``model`` came from, written into the chosen recipe (else the model is saved
             to ``out_dir/model.pt``).
     """
-    from slimdet.data import load_dataset
+    from slimdet.data import calibration_batches, load_dataset
+    from slimdet.hw.systolic import simulate
     from slimdet.profiling.latency import torch_threads
 
     start = time.perf_counter()
@@ -161,7 +163,10 @@ def codesign(
     atomic_write_text(out / "codesign.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     specs = cfg.hardware.specs()
     size = model.input_size
-    data = {"eval": load_dataset(dataset, cfg.eval_split, input_size=size)}
+    data = {"eval": load_dataset(dataset, cfg.eval_split, input_size=size),
+            # the same images and batches as the chosen recipe's quantize step (calib_images, CALIB_BATCHES)
+            "calib": calibration_batches(load_dataset(dataset, "train", input_size=size),
+                                         images=cfg.compression.calib_images, batches=CALIB_BATCHES)}  # fmt: skip
     if cfg.eval_images is not None and cfg.eval_images < len(data["eval"]):
         data["eval"] = data["eval"].subset(cfg.eval_images)
     policies = [(r, b) for r in cfg.compression.macs_ratios for b in cfg.compression.weight_bits]
@@ -176,11 +181,9 @@ def codesign(
                 continue
             if ratio not in pruned:
                 pruned[ratio] = _pruned(model, ratio, cfg, dataset, out, progress)
-            results[(ratio, bits)] = _quantized(pruned[ratio], ratio, bits, cfg, dataset, data)
+            results[(ratio, bits)] = _quantized(pruned[ratio], ratio, bits, cfg, data)
             atomic_write_json(path, results[(ratio, bits)])
     points = []
-    from slimdet.hw.systolic import simulate
-
     for (ratio, bits), res in results.items():
         table = _table_from_json(res["table"])
         for spec in specs:
@@ -240,19 +243,14 @@ def _pruned(model: Any, ratio: float, cfg: CodesignConfig, dataset: str, out: Pa
     return pruned
 
 
-def _quantized(model: Any, ratio: float, bits: int, cfg: CodesignConfig, dataset: str, data: dict) -> dict[str, Any]:
+def _quantized(model: Any, ratio: float, bits: int, cfg: CodesignConfig, data: dict) -> dict[str, Any]:
     """mAP and layer table of ``model`` quantized to ``bits``-bit weights (simulated quantization)."""
     from slimdet.compress.quant import QuantConfig, quantize
-    from slimdet.data import load_dataset
-    from slimdet.data.dataset import collate
     from slimdet.evaluate import evaluate
     from slimdet.hw.layers import layer_table
 
     comp = cfg.compression
-    calib_ds = load_dataset(dataset, "train", input_size=model.input_size).subset(comp.calib_images)
-    items = [calib_ds[i] for i in range(len(calib_ds))]
-    batch = max(1, len(items) // 4)
-    calib = [collate(items[i : i + batch]) for i in range(0, len(items), batch)]
+    calib = data["calib"]
     qmodel = copy.deepcopy(model)
     t0 = time.perf_counter()
     quantize(qmodel, QuantConfig(weight_bits=bits, act_bits=comp.act_bits, runtime_aware=False,
@@ -289,7 +287,8 @@ def _write_choice(out: Path, point: dict[str, Any], spec: SystolicSpec, cfg: Cod
             steps.append({"finetune": finetune})
     steps += [
         {"quantize": {"weight_bits": point["weight_bits"], "act_bits": comp.act_bits, "runtime_aware": False,
-                      "adaround_iters": comp.adaround_iters, "calib_images": comp.calib_images}},  # fmt: skip
+                      "adaround_iters": comp.adaround_iters, "calib_images": comp.calib_images,
+                      "calib_batches": CALIB_BATCHES}},  # fmt: skip
         {"evaluate": {"split": cfg.eval_split}},
         "simulate",
         "export",

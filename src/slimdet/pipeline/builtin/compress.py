@@ -7,7 +7,6 @@ put the pruned model next to the original in the report.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -63,13 +62,9 @@ def prune_step(ctx: RunContext, model: Detector, opts: PruneOptions) -> StepOutp
 
 def calib_batches(ctx: RunContext, split: str, images: int, batches: int) -> list[tuple[Any, Any]]:
     """``images`` evenly spaced images of ``split``, as ``batches`` (images, targets) batches."""
-    from slimdet.data import make_loader
+    from slimdet.data import calibration_batches
 
-    dataset = ctx.dataset(split)
-    if images < len(dataset):
-        dataset = dataset.subset(images)
-    batch_size = max(1, math.ceil(len(dataset) / batches))
-    return list(make_loader(dataset, batch_size=batch_size, shuffle=False))[:batches]
+    return calibration_batches(ctx.dataset(split), images=images, batches=batches)
 
 
 def _round_finetune(ctx: RunContext, opts: PruneOptions) -> Callable[[Detector, int], None]:
