@@ -5,26 +5,36 @@ compressed architectures from their records.
 """
 
 from slimdet.compress.importance import IMPORTANCE, make_importance
+from slimdet.compress.lowrank import LowRank, LowRankConfig, LowRankResult, decompose, factorize
 from slimdet.compress.prune import Allocation, PruneConfig, PruneResult, Scope, protected_layers, prune
 from slimdet.compress.quant import LayerQuant, QuantConfig, QuantResult, quantize
+from slimdet.compress.share import ShareConfig, ShareResult, share_weights
 from slimdet.compress.sparsity import SparsityConfig, SparsityResult, make_permanent, sparse_storage_bytes, sparsify
 
 __all__ = [
     "IMPORTANCE",
     "Allocation",
     "LayerQuant",
+    "LowRank",
+    "LowRankConfig",
+    "LowRankResult",
     "PruneConfig",
     "PruneResult",
     "QuantConfig",
     "QuantResult",
     "Scope",
+    "ShareConfig",
+    "ShareResult",
     "SparsityConfig",
     "SparsityResult",
+    "decompose",
+    "factorize",
     "make_importance",
     "make_permanent",
     "protected_layers",
     "prune",
     "quantize",
+    "share_weights",
     "sparse_storage_bytes",
     "sparsify",
 ]

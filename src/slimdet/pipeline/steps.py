@@ -139,7 +139,9 @@ def _import_builtin_steps() -> None:
     # Importing the modules runs their @register_step decorators.
     from slimdet.pipeline.builtin import compress as _compress  # noqa: F401
     from slimdet.pipeline.builtin import hw_step as _hw  # noqa: F401
+    from slimdet.pipeline.builtin import lowrank_step as _lowrank  # noqa: F401
     from slimdet.pipeline.builtin import measure as _measure  # noqa: F401
     from slimdet.pipeline.builtin import quant_step as _quant  # noqa: F401
+    from slimdet.pipeline.builtin import share_step as _share  # noqa: F401
     from slimdet.pipeline.builtin import sparsity_step as _sparsity  # noqa: F401
     from slimdet.pipeline.builtin import train as _train  # noqa: F401
