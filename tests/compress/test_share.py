@@ -157,6 +157,24 @@ def test_a_failed_call_leaves_the_model_unchanged():
     assert masked.model_config == config  # the masks were not made permanent
 
 
+def test_transforms_after_sharing_are_refused_by_name():
+    from slimdet.compress import LowRankConfig, PruneConfig, QuantConfig, decompose, prune, quantize
+
+    model = _yolo(0.5)
+    share_weights(model, ShareConfig(bits=3))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {
+        "sparsify": lambda: sparsify(model, SparsityConfig(sparsity=0.7)),
+        "prune": lambda: prune(model, PruneConfig(ratio=0.3)),
+        "quantize": lambda: quantize(model, QuantConfig(), calib=[(model.example_inputs(2), None)], progress=False),
+        "lowrank": lambda: decompose(model, LowRankConfig(energy=0.9)),
+    }
+    for verb, call in calls.items():
+        with pytest.raises(ConfigError, match=rf"^{verb}: .*'share', which must be the last transform"):
+            call()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
 def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
     torch.manual_seed(0)
     model = ConvLinear()

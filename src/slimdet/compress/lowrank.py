@@ -24,7 +24,7 @@ from slimdet.compress.lowrank_factors import FACTORIZERS, Factorizer, Geometry, 
 from slimdet.compress.lowrank_plan import choose_ranks
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
-from slimdet.models.registry import record_transform, register_replay
+from slimdet.models.registry import record_transform, refuse_after_final, register_replay
 from slimdet.profiling.macs import LayerProfile, layer_table
 from slimdet.registry import closest
 
@@ -195,6 +195,7 @@ def decompose(model: Detector, cfg: LowRankConfig, *, calib: Any = None) -> LowR
         ConfigError: a pattern matches no layer, an override's ranks do not fit, the MACs budget
             cannot be met, or no layer is left to factorise.
     """
+    refuse_after_final(model, "lowrank")
     targets, skipped = _select(model, cfg)
     geo, rows_before = _measure(model, list(targets))
     for name in [n for n in targets if n not in geo]:

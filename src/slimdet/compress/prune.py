@@ -34,7 +34,7 @@ from slimdet.compress.prune_hw import Latency, PlanCost, modelled_latency_ms, pl
 from slimdet.compress.prune_plan import Planner, search
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
-from slimdet.models.registry import record_transform, register_replay
+from slimdet.models.registry import record_transform, refuse_after_final, register_replay
 from slimdet.profiling.macs import total_macs
 from slimdet.registry import unknown_name_message
 
@@ -219,6 +219,7 @@ def prune(
         finetune: called as ``finetune(model, round)`` after every round but the last.
         progress: show a progress bar over rounds (and the sensitivity scan).
     """
+    refuse_after_final(model, "prune")
     start = time.perf_counter()
     example = model.example_inputs(1) if example_inputs is None else example_inputs
     calib = list(calib)[: cfg.calib_batches] if calib else None

@@ -256,7 +256,7 @@ def stage_bytes(model: nn.Module, *, huffman_bytes: int | None = None) -> StageB
     )
 
 
-@register_replay("share")
+@register_replay("share", final=True)
 def _replay(model: Detector, entry: dict[str, Any]) -> Detector:
     """Give the recorded layers empty codebooks and indices; load_state_dict then fills them."""
     modules = dict(model.named_modules())

@@ -27,7 +27,7 @@ from torch.nn.utils import prune
 from slimdet.compress.sparse_storage import SparseStorage, nm_groups, nm_ungroup, sparse_storage_bytes
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
-from slimdet.models.registry import record_transform, register_replay
+from slimdet.models.registry import record_transform, refuse_after_final, register_replay
 from slimdet.registry import closest
 
 __all__ = ["NOTE", "LayerSparsity", "SparsityConfig", "SparsityMode", "SparsityResult", "SparsityScope",
@@ -174,6 +174,7 @@ def sparsify(model: Detector, cfg: SparsityConfig) -> SparsityResult:
     Raises:
         ConfigError: a pattern in ``ignore``/``overrides`` matches no layer, or no layer is left.
     """
+    refuse_after_final(model, "sparsify")
     targets, skipped = _select(model, cfg)
     weights = {name: masked_weight(module) for name, module in targets.items()}
     if cfg.mode is SparsityMode.N_M:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slimdet.errors import CheckpointError
+from slimdet.errors import CheckpointError, ConfigError
 from slimdet.io import load_checkpoint
 from slimdet.models.base import Detector
 from slimdet.registry import Registry
@@ -22,6 +22,8 @@ ModelFactory = Callable[..., Detector]
 MODELS: Registry[ModelFactory] = Registry("model")
 Replayer = Callable[[Detector, dict[str, Any]], Detector]
 REPLAYERS: Registry[Replayer] = Registry("model transform")
+#: transforms after which no other transform may run (their parametrisation owns the weights)
+FINAL_TRANSFORMS: set[str] = set()
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -41,9 +43,24 @@ def create_model(name: str, num_classes: int, **kw: Any) -> Detector:
     return model
 
 
-def register_replay(kind: str) -> Callable[[Replayer], Replayer]:
-    """Register ``replay(model, entry) -> model`` that redoes a recorded transform of ``kind``."""
+def register_replay(kind: str, *, final: bool = False) -> Callable[[Replayer], Replayer]:
+    """Register ``replay(model, entry) -> model`` that redoes a recorded transform of ``kind``;
+    ``final``: no transform may follow one of this kind (see :func:`refuse_after_final`)."""
+    if final:
+        FINAL_TRANSFORMS.add(kind)
     return REPLAYERS.register(kind)
+
+
+def refuse_after_final(model: Detector, verb: str) -> None:
+    """Raise ConfigError when ``model`` went through a final transform (weight sharing): ``verb``
+    would rewrite weights that the final transform's parametrisation owns."""
+    done = [e.get("kind") for e in model.model_config.get("transforms", [])]
+    final = [kind for kind in done if kind in FINAL_TRANSFORMS]
+    if final:
+        raise ConfigError(
+            f"{verb}: the model's weights were already transformed by {final[-1]!r}, which must be the last "
+            f"transform (transforms so far: {', '.join(map(str, done))}); run {verb} before it"
+        )
 
 
 def record_transform(model: Detector, entry: dict[str, Any]) -> None:

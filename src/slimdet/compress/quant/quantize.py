@@ -24,7 +24,7 @@ from slimdet.compress.quant.graph import Point, build, float_mode, output_keys, 
 from slimdet.compress.quant.quantizers import Mode, Quantizer, ScaleType
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
-from slimdet.models.registry import record_transform, register_replay
+from slimdet.models.registry import record_transform, refuse_after_final, register_replay
 
 RECORD_VERSION = 1
 
@@ -90,6 +90,7 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
         ConfigError: no calibration data, an untraceable model, an override that matches nothing,
             an unreachable mixed-precision budget.
     """
+    refuse_after_final(model, "quantize")
     start = time.perf_counter()
     batches = list(calib or [])[: cfg.calib_batches]
     if not batches:
