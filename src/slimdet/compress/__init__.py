@@ -4,6 +4,7 @@ Importing this package registers the replayers that ``slimdet.models.load_model`
 compressed architectures from their records.
 """
 
+from slimdet.compress.graph import GraphConfig, GraphResult, optimize_graph
 from slimdet.compress.importance import IMPORTANCE, make_importance
 from slimdet.compress.lowrank import LowRank, LowRankConfig, LowRankResult, decompose, factorize
 from slimdet.compress.prune import Allocation, PruneConfig, PruneResult, Scope, protected_layers, prune
@@ -14,6 +15,8 @@ from slimdet.compress.sparsity import SparsityConfig, SparsityResult, make_perma
 __all__ = [
     "IMPORTANCE",
     "Allocation",
+    "GraphConfig",
+    "GraphResult",
     "LayerQuant",
     "LowRank",
     "LowRankConfig",
@@ -31,6 +34,7 @@ __all__ = [
     "factorize",
     "make_importance",
     "make_permanent",
+    "optimize_graph",
     "protected_layers",
     "prune",
     "quantize",

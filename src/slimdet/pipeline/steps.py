@@ -138,6 +138,7 @@ def list_steps() -> list[str]:
 def _import_builtin_steps() -> None:
     # Importing the modules runs their @register_step decorators.
     from slimdet.pipeline.builtin import compress as _compress  # noqa: F401
+    from slimdet.pipeline.builtin import graph_step as _graph  # noqa: F401
     from slimdet.pipeline.builtin import hw_step as _hw  # noqa: F401
     from slimdet.pipeline.builtin import lowrank_step as _lowrank  # noqa: F401
     from slimdet.pipeline.builtin import measure as _measure  # noqa: F401

@@ -3,7 +3,8 @@
 The model's ``forward`` is traced with ``torch.fx`` (the scope of every functional op is recorded,
 so a ``torch.cat`` inside ``heads.0`` is labelled ``heads.0/cat``). Then:
 
-* every Conv2d followed only by a BatchNorm is folded with it (the BN becomes an Identity);
+* every Conv2d followed only by a BatchNorm is folded with it (the BN becomes an Identity), by
+  the BatchNorm folding of :mod:`slimdet.compress.graph_fuse`;
 * SiLU is split into its Sigmoid and its product, each quantized, as integer runtimes run it
   (ONNX Runtime: QLinearSigmoid and QLinearMul);
 * the graph input and the output of every op that computes (conv, linear, activations, add, mul,
@@ -25,7 +26,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from slimdet.compress.graph_fuse import fold_batchnorm
+from slimdet.compress.graph_trace import ScopeTracer as _ScopeTracer
 from slimdet.compress.quant.quantizers import Mode, Quantizer
 from slimdet.errors import ConfigError
 from slimdet.models.base import Detector
@@ -42,7 +44,6 @@ _PASS_FUNCS = {operator.getitem, torch.flatten, torch.reshape, torch.squeeze, to
                torch.permute, F.max_pool2d, F.dropout, torch.split, torch.chunk}  # fmt: skip
 _PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "split",
                  "chunk", "__getitem__"}  # fmt: skip
-_BN = (nn.BatchNorm2d,)
 
 
 @dataclass(frozen=True)
@@ -145,28 +146,18 @@ def _integer_grid(*qs: Quantizer) -> bool:
     return all(q.scale_type in ("uniform", "pow2", "binary") and not q.fp16 for q in qs)
 
 
-class _ScopeTracer(fx.Tracer):
-    """Records the module path every node is created in (``node.meta["scope"]``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slim_scope = ""
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        outer, self.slim_scope = self.slim_scope, self.path_of_module(m)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.slim_scope = outer
-
-    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
-        node = super().create_node(*args, **kwargs)
-        node.meta["scope"] = self.slim_scope
-        return node
-
-
 def trace(model: Detector) -> fx.Graph:
-    """The detector's forward as an FX graph; a clear error for models FX cannot trace."""
+    """The detector's forward as an FX graph; a clear error for models FX cannot trace.
+
+    A model with graph passes installed (:func:`slimdet.compress.graph.optimize_graph`) starts
+    from that optimized graph, with fused activations split again so that a quantizer fits
+    between a conv and its activation.
+    """
+    from slimdet.compress.graph import take_installed_graph
+
+    graph = take_installed_graph(model)
+    if graph is not None:
+        return graph
     try:
         return _ScopeTracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: not quantizable this way
@@ -175,38 +166,6 @@ def trace(model: Detector) -> fx.Graph:
             f"cannot quantize {model.model_config.get('name', type(model).__name__)!r}: its forward is not "
             f"traceable by torch.fx ({type(exc).__name__}: {first}); quantization needs a static graph"
         ) from None
-
-
-def fold_batchnorm(model: nn.Module, graph: fx.Graph) -> list[str]:
-    """Fold every BN whose input is a conv used only by it; returns the folded BN names."""
-    modules = dict(model.named_modules())
-    folded = []
-    for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
-            continue
-        prev = node.args[0]
-        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
-            continue
-        conv = modules.get(prev.target)
-        if not isinstance(conv, nn.Conv2d):
-            continue
-        _fold(conv, modules[node.target])
-        node.replace_all_uses_with(prev)
-        graph.erase_node(node)
-        model.set_submodule(node.target, nn.Identity())
-        folded.append(node.target)
-    return folded
-
-
-@torch.no_grad()
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    std = torch.sqrt(bn.running_var + bn.eps)
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
-    conv.weight.mul_((gamma / std).reshape(-1, 1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
-    new_bias = beta + (bias - bn.running_mean) * gamma / std
-    conv.bias = nn.Parameter(new_bias.detach().clone())
 
 
 def _split_silu(model: nn.Module, graph: fx.Graph) -> None:
