@@ -159,6 +159,7 @@ def test_a_failed_call_leaves_the_model_unchanged():
 
 def test_transforms_after_sharing_are_refused_by_name():
     from slimdet.compress import LowRankConfig, PruneConfig, QuantConfig, decompose, prune, quantize
+    from slimdet.compress.graph import GraphConfig, optimize_graph
 
     model = _yolo(0.5)
     share_weights(model, ShareConfig(bits=3))
@@ -168,6 +169,7 @@ def test_transforms_after_sharing_are_refused_by_name():
         "prune": lambda: prune(model, PruneConfig(ratio=0.3)),
         "quantize": lambda: quantize(model, QuantConfig(), calib=[(model.example_inputs(2), None)], progress=False),
         "lowrank": lambda: decompose(model, LowRankConfig(energy=0.9)),
+        "graph": lambda: optimize_graph(model, GraphConfig()),
     }
     for verb, call in calls.items():
         with pytest.raises(ConfigError, match=rf"^{verb}: .*'share', which must be the last transform"):

@@ -132,9 +132,12 @@ def test_default_recipe_is_valid():
     assert recipe.dataset == "digits-det"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml")))
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_every_shipped_recipe_validates(name):
-    path = Path(__file__).resolve().parents[2] / "recipes" / name
+    path = RECIPES / name
     recipe = load_recipe(path)  # the checkpoint it names exists; every step's options validate
     assert recipe.dataset == "digits-det" and recipe.checkpoint is not None and Path(recipe.checkpoint).is_file()
     assert [s.name for s in recipe.steps].count("evaluate") >= 2  # the original and the compressed model

@@ -369,9 +369,16 @@ def _relative_error(got: list[Tensor], want: list[Tensor]) -> float:
     return (diff / max(ref, 1e-300)) ** 0.5
 
 
+def _is_fused(layer: nn.Module | None) -> bool:
+    from slimdet.compress.graph_fuse import ConvAct2d
+
+    return isinstance(layer, ConvAct2d)
+
+
 def _unsupported(layer: nn.Module | None) -> str | None:
     if type(layer) not in (nn.Conv2d, nn.Linear):
-        return f"{type(layer).__name__}: only plain Conv2d and Linear layers are factorised"
+        hint = " (fused by the graph step's fuse_conv_act: run lowrank before it)" if _is_fused(layer) else ""
+        return f"{type(layer).__name__}: only plain Conv2d and Linear layers are factorised{hint}"
     if "weight_orig" in layer._parameters:
         return "sparsity mask (call slimdet.compress.make_permanent first)"
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:

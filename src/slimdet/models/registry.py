@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.io import load_checkpoint
 from slimdet.models.base import Detector
@@ -51,10 +53,10 @@ def register_replay(kind: str, *, final: bool = False) -> Callable[[Replayer], R
     return REPLAYERS.register(kind)
 
 
-def refuse_after_final(model: Detector, verb: str) -> None:
+def refuse_after_final(model: nn.Module, verb: str) -> None:
     """Raise ConfigError when ``model`` went through a final transform (weight sharing): ``verb``
     would rewrite weights that the final transform's parametrisation owns."""
-    done = [e.get("kind") for e in model.model_config.get("transforms", [])]
+    done = [e.get("kind") for e in getattr(model, "model_config", {}).get("transforms", [])]
     final = [kind for kind in done if kind in FINAL_TRANSFORMS]
     if final:
         raise ConfigError(
