@@ -11,7 +11,6 @@ any optimizer and later transforms see ordinary layers. The transform is recorde
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from slimdet.compress.lowrank_factors import FACTORIZERS, Factorizer, Geometry, LowRank, kernel_size
 from slimdet.compress.lowrank_plan import choose_ranks
+from slimdet.compress.patterns import check_pattern, matches, output_layers
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
 from slimdet.models.registry import record_transform, refuse_after_final, register_replay
@@ -90,14 +90,14 @@ class LowRankConfig(BaseModel):
     @classmethod
     def _valid_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for pattern in value:
-            _check_regex(pattern)
+            check_pattern(pattern)
         return value
 
     @field_validator("overrides")
     @classmethod
     def _valid_overrides(cls, value: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
         for pattern in value:
-            _check_regex(pattern)
+            check_pattern(pattern)
         return value
 
     @model_validator(mode="after")
@@ -258,24 +258,24 @@ def _select(model: Detector, cfg: LowRankConfig) -> tuple[dict[str, Target], dic
     candidates = {name: mod for name, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
     for kind, patterns in (("ignore", cfg.ignore), ("overrides", tuple(cfg.overrides))):
         for pattern in patterns:
-            if not any(_matches(name, pattern) for name in candidates):
+            if not any(matches(name, pattern) for name in candidates):
                 hint = closest(pattern, list(candidates))
                 raise ConfigError(f"lowrank: {kind} pattern {pattern!r} matches no Conv2d or Linear layer"
                                   + (f" (did you mean {hint!r}?)" if hint else ""))  # fmt: skip
-    outputs = [] if cfg.include_output_layers else _output_layers(model)
+    outputs = [] if cfg.include_output_layers else output_layers(model)
     chains = [name for name, mod in model.named_modules() if isinstance(mod, LowRank)]
     targets: dict[str, Target] = {}
     skipped: dict[str, str] = {}
     for name, module in candidates.items():
-        override = next((o for p, o in cfg.overrides.items() if _matches(name, p)), None)
+        override = next((o for p, o in cfg.overrides.items() if matches(name, p)), None)
         method = str(override.method if override is not None and override.method is not None else cfg.method)
         if method == LowRankMethod.AUTO:
             method = "svd" if kernel_size(module) == (1, 1) else "tucker2"
         if any(name.startswith(c + ".") for c in chains):
             reason = "part of a factorised chain"
-        elif any(_matches(name, p) for p in cfg.ignore):
+        elif any(matches(name, p) for p in cfg.ignore):
             reason = "ignored"
-        elif any(_matches(name, p) for p in outputs):
+        elif any(matches(name, p) for p in outputs):
             reason = "output layer (include_output_layers is false)"
         else:
             reason = _unsupported(module) or FACTORIZERS.get(method).unsupported(module)
@@ -395,20 +395,6 @@ def _checked_ranks(fac: Factorizer, ranks: tuple[int, ...], where: str) -> tuple
     return tuple(int(r) for r in ranks)
 
 
-def _output_layers(model: nn.Module) -> list[str]:
-    try:
-        return list(model.output_layers())  # type: ignore[operator]
-    except (AttributeError, NotImplementedError):
-        return []
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern + ".") or re.fullmatch(pattern, name) is not None
 
-
-def _check_regex(pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        msg = f"pattern {pattern!r} is neither a module name nor a valid regular expression: {exc}"
-        raise ValueError(msg) from None

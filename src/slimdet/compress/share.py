@@ -27,8 +27,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from slimdet.compress.patterns import check_pattern, matches, output_layers
 from slimdet.compress.sparse_storage import sparse_storage_bytes
-from slimdet.compress.sparsity import _check_regex, _is_masked, _matches, _output_layers, make_permanent
+from slimdet.compress.sparsity import _is_masked, make_permanent
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
 from slimdet.models.registry import record_transform, register_replay
@@ -69,20 +70,20 @@ class ShareConfig(BaseModel):
     @classmethod
     def _valid_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for pattern in value:
-            _check_regex(pattern)
+            check_pattern(pattern)
         return value
 
     @field_validator("overrides")
     @classmethod
     def _valid_overrides(cls, value: dict[str, int]) -> dict[str, int]:
         for pattern, bits in value.items():
-            _check_regex(pattern)
+            check_pattern(pattern)
             if not 1 <= bits <= MAX_BITS:
                 raise ValueError(f"override {pattern!r}: bits must be in [1, {MAX_BITS}], got {bits}")
         return value
 
     def layer_bits(self, name: str) -> int:
-        return next((b for pattern, b in self.overrides.items() if _matches(name, pattern)), self.bits)
+        return next((b for pattern, b in self.overrides.items() if matches(name, pattern)), self.bits)
 
 
 @dataclass(frozen=True)
@@ -301,18 +302,18 @@ def _select(model: Detector, cfg: ShareConfig) -> tuple[dict[str, nn.Module], di
     candidates = {name: m for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
     for kind, patterns in (("ignore", cfg.ignore), ("overrides", tuple(cfg.overrides))):
         for pattern in patterns:
-            if not any(_matches(name, pattern) for name in candidates):
+            if not any(matches(name, pattern) for name in candidates):
                 hint = closest(pattern, [n for n, _ in model.named_modules() if n])  # prefixes match too
                 raise ConfigError(f"share: {kind} pattern {pattern!r} matches no Conv2d or Linear layer"
                                   + (f" (did you mean {hint!r}?)" if hint else ""))  # fmt: skip
-    outputs = [] if cfg.include_output_layers else _output_layers(model)
+    outputs = [] if cfg.include_output_layers else output_layers(model)
     targets, skipped = {}, {}
     for name, module in candidates.items():
         if is_shared(module):
             skipped[name] = "already shared"
-        elif any(_matches(name, p) for p in cfg.ignore):
+        elif any(matches(name, p) for p in cfg.ignore):
             skipped[name] = "ignored"
-        elif any(_matches(name, p) for p in outputs):
+        elif any(matches(name, p) for p in outputs):
             skipped[name] = "output layer (include_output_layers is false)"
         elif "weight" not in module._parameters and not _is_masked(module):
             skipped[name] = "weight is not a plain parameter (another transform owns it)"

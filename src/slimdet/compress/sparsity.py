@@ -14,7 +14,6 @@ Zeros in the weights do not make dense runtimes faster: the gain is storage (cou
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from slimdet.compress.patterns import check_pattern, matches, output_layers
 from slimdet.compress.sparse_storage import SparseStorage, nm_groups, nm_ungroup, sparse_storage_bytes
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
@@ -74,14 +74,14 @@ class SparsityConfig(BaseModel):
     @classmethod
     def _valid_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for pattern in value:
-            _check_regex(pattern)
+            check_pattern(pattern)
         return value
 
     @field_validator("overrides")
     @classmethod
     def _valid_overrides(cls, value: dict[str, float]) -> dict[str, float]:
         for pattern, sparsity in value.items():
-            _check_regex(pattern)
+            check_pattern(pattern)
             if not 0.0 <= sparsity < 1.0:
                 raise ValueError(f"override {pattern!r}: sparsity must be in [0, 1), got {sparsity}")
         return value
@@ -286,18 +286,18 @@ def _select(model: Detector, cfg: SparsityConfig) -> tuple[dict[str, nn.Module],
     candidates = {name: mod for name, mod in model.named_modules() if isinstance(mod, LAYER_TYPES)}
     for kind, patterns in (("ignore", cfg.ignore), ("overrides", tuple(cfg.overrides))):
         for pattern in patterns:
-            if not any(_matches(name, pattern) for name in candidates):
+            if not any(matches(name, pattern) for name in candidates):
                 hint = closest(pattern, list(candidates))
                 raise ConfigError(
                     f"sparsify: {kind} pattern {pattern!r} matches no Conv2d or Linear layer"
                     + (f" (did you mean {hint!r}?)" if hint else "")
                 )
-    outputs = [] if cfg.include_output_layers else _output_layers(model)
+    outputs = [] if cfg.include_output_layers else output_layers(model)
     targets, skipped = {}, {}
     for name, module in candidates.items():
-        if any(_matches(name, p) for p in cfg.ignore):
+        if any(matches(name, p) for p in cfg.ignore):
             skipped[name] = "ignored"
-        elif any(_matches(name, p) for p in outputs):
+        elif any(matches(name, p) for p in outputs):
             skipped[name] = "output layer (include_output_layers is false)"
         elif _override(name, cfg) == 0.0:
             skipped[name] = "override sparsity 0"
@@ -311,27 +311,14 @@ def _select(model: Detector, cfg: SparsityConfig) -> tuple[dict[str, nn.Module],
     return targets, skipped
 
 
-def _output_layers(model: nn.Module) -> list[str]:
-    try:
-        return list(model.output_layers())  # type: ignore[operator]
-    except (AttributeError, NotImplementedError):
-        return []
 
 
 def _override(name: str, cfg: SparsityConfig) -> float | None:
-    return next((s for pattern, s in cfg.overrides.items() if _matches(name, pattern)), None)
+    return next((s for pattern, s in cfg.overrides.items() if matches(name, pattern)), None)
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern + ".") or re.fullmatch(pattern, name) is not None
 
 
-def _check_regex(pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        msg = f"pattern {pattern!r} is neither a module name nor a valid regular expression: {exc}"
-        raise ValueError(msg) from None
 
 
 def _is_masked(module: nn.Module) -> bool:
