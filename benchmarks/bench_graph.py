@@ -83,7 +83,7 @@ def main() -> int:
     print("onnx", file=sys.stderr)
     onnx = onnx_side(baseline, optimized, runs=args.runs, warmup=args.warmup, threads=args.threads)
     payload = {
-        "command": "benchmarks/bench_graph.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["benchmarks/bench_graph.py", *sys.argv[1:]]),
         "environment": environment(args.threads),
         "size": args.size,
         "images": args.images,
