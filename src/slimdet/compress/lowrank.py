@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from slimdet.compress.lowrank_factors import FACTORIZERS, Factorizer, Geometry, LowRank, kernel_size
 from slimdet.compress.lowrank_plan import choose_ranks
-from slimdet.compress.patterns import check_pattern, matches, output_layers
+from slimdet.compress.patterns import LayerPatterns, check_pattern, matches, output_layers
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
 from slimdet.models.registry import record_transform, refuse_after_final, register_replay
@@ -63,7 +63,7 @@ class LayerOverride(BaseModel):
         return self
 
 
-class LowRankConfig(BaseModel):
+class LowRankConfig(LayerPatterns):
     """What to factorise and how far; set exactly one of ``energy`` and ``macs_reduction``. Patterns in
     ``ignore`` and ``overrides`` are module names (a name also covers its children) or regular
     expressions matched against the whole name."""
@@ -79,19 +79,8 @@ class LowRankConfig(BaseModel):
     hooi_iters: int = Field(2, ge=0, le=100)
     #: svd and tucker2 ranks are multiples of this (or the full rank)
     round_to: int = Field(1, ge=1)
-    #: layers left as they are
-    ignore: tuple[str, ...] = ()
     #: per-layer settings, first matching pattern wins
     overrides: dict[str, LayerOverride] = Field(default_factory=dict)
-    #: also factorise the detector's output layers (``model.output_layers()``)
-    include_output_layers: bool = False
-
-    @field_validator("ignore")
-    @classmethod
-    def _valid_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            check_pattern(pattern)
-        return value
 
     @field_validator("overrides")
     @classmethod

@@ -8,7 +8,27 @@ from __future__ import annotations
 
 import re
 
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
+
+
+class LayerPatterns(BaseModel):
+    """Base of the per-layer compression configs: the layers left alone, and whether the detector's
+    output layers are included. Subclasses add ``overrides`` (pattern -> their per-layer setting)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: layers left as they are, by module name or regex
+    ignore: tuple[str, ...] = ()
+    #: also transform the detector's output layers (``model.output_layers()``)
+    include_output_layers: bool = False
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            check_pattern(pattern)
+        return value
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -24,10 +24,10 @@ from enum import StrEnum
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from slimdet.compress.patterns import check_pattern, matches, output_layers
+from slimdet.compress.patterns import LayerPatterns, check_pattern, matches, output_layers
 from slimdet.compress.sparse_storage import sparse_storage_bytes
 from slimdet.compress.sparsity import _is_masked, make_permanent
 from slimdet.errors import CheckpointError, ConfigError
@@ -47,7 +47,7 @@ class ShareInit(StrEnum):
     QUANTILE = "quantile"  # at evenly spaced quantiles (density-based initialisation)
 
 
-class ShareConfig(BaseModel):
+class ShareConfig(LayerPatterns):
     """Which layers share their weights, with how many bits of index. Patterns in ``ignore`` and
     ``overrides`` are module names (a name also covers its children) or regular expressions matched
     against the whole name."""
@@ -58,20 +58,9 @@ class ShareConfig(BaseModel):
     bits: int = Field(4, ge=1, le=MAX_BITS)
     #: per-layer bits, first matching pattern wins
     overrides: dict[str, int] = Field(default_factory=dict)
-    #: layers left as they are (stored raw in the archive)
-    ignore: tuple[str, ...] = ()
-    #: also share the detector's output layers (``model.output_layers()``)
-    include_output_layers: bool = False
     #: at most this many Lloyd iterations per layer (it stops earlier when no assignment changes)
     iters: int = Field(30, ge=1)
     init: ShareInit = ShareInit.LINEAR
-
-    @field_validator("ignore")
-    @classmethod
-    def _valid_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            check_pattern(pattern)
-        return value
 
     @field_validator("overrides")
     @classmethod

@@ -19,11 +19,11 @@ from enum import StrEnum
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from slimdet.compress.patterns import check_pattern, matches, output_layers
+from slimdet.compress.patterns import LayerPatterns, check_pattern, matches, output_layers
 from slimdet.compress.sparse_storage import SparseStorage, nm_groups, nm_ungroup, sparse_storage_bytes
 from slimdet.errors import CheckpointError, ConfigError
 from slimdet.models.base import Detector
@@ -50,7 +50,7 @@ class SparsityScope(StrEnum):
     LAYER = "layer"  # each layer reaches the sparsity on its own
 
 
-class SparsityConfig(BaseModel):
+class SparsityConfig(LayerPatterns):
     """What to zero and where. Patterns in ``ignore`` and ``overrides`` are module names (a name also
     covers its children) or regular expressions matched against the whole name."""
 
@@ -62,20 +62,9 @@ class SparsityConfig(BaseModel):
     scope: SparsityScope = SparsityScope.GLOBAL
     n: int = Field(2, ge=1)
     m: int = Field(4, ge=2)
-    #: layers left dense
-    ignore: tuple[str, ...] = ()
     #: per-layer sparsity (unstructured mode), first matching pattern wins; these layers are
     #: sparsified on their own, the global threshold covers the rest
     overrides: dict[str, float] = Field(default_factory=dict)
-    #: also sparsify the detector's output layers (``model.output_layers()``)
-    include_output_layers: bool = False
-
-    @field_validator("ignore")
-    @classmethod
-    def _valid_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            check_pattern(pattern)
-        return value
 
     @field_validator("overrides")
     @classmethod
