@@ -52,6 +52,12 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _calls(model: nn.Module) -> list[str]:
+    """The computing nodes of the installed graph: module paths, function and method names."""
+    nodes = [n for n in installed_graph(model).graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    return [n.target if isinstance(n.target, str) else n.target.__name__ for n in nodes]
+
+
 def _unchanged(result) -> None:
     (report,) = result.passes
     assert report.changes == ()
@@ -171,8 +177,14 @@ def test_dead_code_leaves_live_nodes_and_in_place_writes_alone():
             y.add_(1)
             return y
 
-    _unchanged(_optimize(Dead(dead=False), ["dead_code"], _x()))
-    _unchanged(_optimize(InPlace(), ["dead_code"], _x()))
+    live = Dead(dead=False)
+    report = _optimize(live, ["dead_code"], _x()).passes[0]
+    assert report.changes == () and (report.nodes_before, report.nodes_after) == (4, 4)
+    assert _calls(live) == ["conv", "unused", "mul", "cat"] and isinstance(live.unused, nn.Conv2d)
+    in_place = InPlace()
+    report = _optimize(in_place, ["dead_code"], _x()).passes[0]
+    assert report.changes == () and (report.nodes_before, report.nodes_after) == (2, 2)
+    assert _calls(in_place) == ["mul", "add_"]  # the add_ has no user but is kept
 
 
 class Identities(nn.Module):
@@ -236,7 +248,12 @@ def test_const_fold_computes_what_depends_only_on_weights_once():
 
 
 def test_const_fold_leaves_input_dependent_nodes_alone():
-    _unchanged(_optimize(ConvBNAct(bn=False), ["const_fold"], _x()))
+    model = ConvBNAct(bn=False)
+    weight = model.conv.weight.detach().clone()
+    report = _optimize(model, ["const_fold"], _x()).passes[0]
+    assert report.changes == () and (report.nodes_before, report.nodes_after) == (3, 3)
+    assert _calls(model) == ["conv", "bn", "act"] and torch.equal(model.conv.weight, weight)
+    assert not [n for n, _ in model.named_buffers() if n.startswith("_graph_const_")]
 
 
 def test_cse_merges_duplicated_computations():
@@ -320,8 +337,13 @@ def test_rep_branches_leaves_a_bare_residual_and_mismatched_strides_alone():
         def forward(self, x):
             return self.a(x) + self.b(x)[:, :, ::2, ::2]
 
-    for model in (Residual(), Strides()):
-        _unchanged(_optimize(model, ["rep_branches"], _x(channels=4)))
+    for model, calls in ((Residual(), ["conv", "add"]), (Strides(), ["a", "b", "getitem", "add"])):
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        report = _optimize(model, ["rep_branches"], _x(channels=4)).passes[0]
+        assert report.changes == () and report.nodes_before == report.nodes_after == len(calls)
+        assert _calls(model) == calls  # the add is still there, no conv was replaced
+        assert model.state_dict().keys() == weights.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
 
 
 # ----------------------------------------------------------------------------------------------
