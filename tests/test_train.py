@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -95,3 +97,57 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_unknown_option_is_rejected():
     with pytest.raises(ValueError, match="epoch"):
         TrainConfig(epoch=3)
+
+
+def test_loss_curve_logs_every_term_about_ten_times_per_epoch(data, tmp_path):
+    cfg = CFG.model_copy(update={"epochs": 2, "max_steps_per_epoch": 3, "eval_every": 0})
+    result = train(_model(), *data, cfg, out_dir=tmp_path, progress=False)
+    assert [p["step"] for p in result.loss_curve] == [1, 2, 3, 4, 5, 6]  # 3 steps per epoch: one point per step
+    assert all({"loss", "box", "cls", "dfl"} <= set(p) for p in result.loss_curve)
+    assert result.loss_curve == json.loads((tmp_path / "loss_curve.json").read_text())
+
+
+def _distiller(student):
+    from slimdet.compress.distill import DistillConfig, Distiller
+
+    torch.manual_seed(5)
+    teacher = create_model("yolo-test", num_classes=10, input_size=64).eval()
+    return Distiller(student, teacher, DistillConfig())
+
+
+def test_distilled_training_logs_kd_terms_trains_adapters_and_resumes_exactly(data, tmp_path, monkeypatch):
+    from slimdet.compress import PruneConfig, prune
+
+    train_ds, val_ds = data
+
+    def student():
+        model = _model()
+        prune(model, PruneConfig(ratio=0.5, importance="l1"), calib=[train_ds[0][0][None], [train_ds[0][1]]],
+              progress=False)  # fmt: skip
+        return model
+
+    full = student()
+    with _distiller(full) as d:
+        adapters_before = {k: v.clone() for k, v in d.state_dict().items()}
+        result = train(full, train_ds, val_ds, CFG, out_dir=tmp_path / "full", progress=False, distiller=d)
+        adapters_after = d.state_dict()
+    assert adapters_before and any(not torch.equal(adapters_before[k], adapters_after[k]) for k in adapters_before)
+    assert all({"train_kd_cls", "train_kd_box", "train_kd_feat", "train_det"} <= set(h) for h in result.history)
+
+    crashed = student()
+    reads_per_epoch = CFG.max_steps_per_epoch * CFG.batch_size
+    with _distiller(crashed) as d, pytest.raises(Interrupt):
+        train(crashed, Crashing(train_ds, reads_per_epoch + 3), val_ds, CFG, out_dir=tmp_path / "cut",
+              progress=False, distiller=d)  # fmt: skip
+    resumed = student()
+    with _distiller(resumed) as d:
+        train(resumed, train_ds, val_ds, CFG, out_dir=tmp_path / "cut", resume=True, progress=False, distiller=d)
+        for k, v in adapters_after.items():  # the adapters came back from last.pt and trained on
+            torch.testing.assert_close(d.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    # a run that started without distillation cannot be resumed with it
+    plain = student()
+    train(plain, train_ds, val_ds, CFG.model_copy(update={"epochs": 1}), out_dir=tmp_path / "plain", progress=False)
+    with _distiller(student()) as d, pytest.raises(CheckpointError, match="started without distillation"):
+        train(student(), train_ds, val_ds, CFG, out_dir=tmp_path / "plain", resume=True, progress=False, distiller=d)

@@ -6,6 +6,10 @@ optimizer, scheduler, history) is written atomically to ``last.pt``, so ``resume
 from the last finished epoch; the weights with the best validation mAP go to ``best.pt``. Both
 are ordinary slimdet checkpoints (state dicts plus the model config), loadable with
 ``torch.load(..., weights_only=True)``.
+
+With a ``distiller`` (slimdet.compress.distill) the loss of a batch comes from it instead of the
+model alone, and its own parameters (feature adapters) train alongside. Every named loss term is
+averaged per epoch into the history and about ten times per epoch into ``loss_curve.json``.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class TrainResult:
     best_map: float
     best_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: every loss term averaged over windows of steps: dicts with ``step`` (global) and the terms
+    loss_curve: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,8 +96,13 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     progress: bool = True,
+    distiller: nn.Module | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; on return it holds the final weights (the EMA when enabled)."""
+    """Train ``model`` in place; on return it holds the final weights (the EMA when enabled).
+
+    ``distiller``: called as ``distiller(model, images, targets) -> (loss, parts)`` for every
+    batch instead of ``model.compute_loss``; its parameters are optimized with the model's.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -100,7 +111,7 @@ def train(
         loader = make_loader(train_ds, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                              num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size)  # fmt: skip
         steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        optimizer = _optimizer(model, cfg)
+        optimizer = _optimizer(model, cfg, extra=distiller)
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 2)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -108,16 +119,24 @@ def train(
         )
         ema = _ema(model, cfg.ema_decay) if cfg.ema else None
         history: list[dict[str, Any]] = []
+        curve: list[dict[str, float]] = []
         start_epoch, best_map, best_epoch = 0, -1.0, -1
         if resume and last_path.is_file():
             state = load_checkpoint(last_path)
             _check_same_model(state, model, last_path)
+            if ("distiller" in state["train_state"]) != (distiller is not None):
+                started = "with" if distiller is None else "without"
+                raise CheckpointError(f"{last_path}: cannot resume: the run started {started} distillation; "
+                                      "use another --out folder or the same distillation setting")  # fmt: skip
             model.load_state_dict(state["train_state"]["raw_weights"])
             optimizer.load_state_dict(state["train_state"]["optimizer"])
             scheduler.load_state_dict(state["train_state"]["scheduler"])
             if ema is not None and "ema" in state["train_state"]:
                 ema.load_state_dict(state["train_state"]["ema"])
             history = list(state["train_state"]["history"])
+            curve = list(state["train_state"].get("loss_curve", []))
+            if distiller is not None:
+                distiller.load_state_dict(state["train_state"]["distiller"])
             start_epoch = int(state["train_state"]["epoch"]) + 1
             best_map, best_epoch = float(state["train_state"]["best_map"]), int(state["train_state"]["best_epoch"])
 
@@ -125,7 +144,9 @@ def train(
             torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation stream of this epoch, resumable
             loader.generator.manual_seed(cfg.seed * 1000 + epoch)  # shuffle order of this epoch
             t0 = time.perf_counter()
-            sums = _run_epoch(model, loader, optimizer, scheduler, ema, cfg, steps_per_epoch, epoch, progress)
+            sums, points = _run_epoch(model, loader, optimizer, scheduler, ema, cfg, steps_per_epoch, epoch, progress,
+                                      distiller)  # fmt: skip
+            curve.extend(points)
             record: dict[str, Any] = {"epoch": epoch, "time_s": time.perf_counter() - t0,
                                       "lr": optimizer.param_groups[0]["lr"], **sums}  # fmt: skip
             eval_model = ema.module if ema is not None else model
@@ -142,18 +163,21 @@ def train(
                 tqdm.write(_format_record(record, cfg.epochs))
             train_state = {"epoch": epoch, "raw_weights": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "history": history, "best_map": best_map,
-                           "best_epoch": best_epoch, "config": cfg.model_dump()}  # fmt: skip
+                           "best_epoch": best_epoch, "config": cfg.model_dump(), "loss_curve": curve}  # fmt: skip
             if ema is not None:
                 train_state["ema"] = ema.state_dict()
+            if distiller is not None:
+                train_state["distiller"] = distiller.state_dict()
             save_checkpoint(last_path, model_config=model.model_config, state_dict=eval_model.state_dict(),
                             epoch=epoch, train_state=train_state)  # fmt: skip
             atomic_write_json(out_dir / "history.json", history)
+            atomic_write_json(out_dir / "loss_curve.json", curve)
 
         if ema is not None:  # hand back the averaged weights
             model.load_state_dict(ema.module.state_dict())
     return TrainResult(out_dir=out_dir, last_checkpoint=last_path,
                        best_checkpoint=best_path if best_path.is_file() else None,
-                       best_map=best_map, best_epoch=best_epoch, history=history)  # fmt: skip
+                       best_map=best_map, best_epoch=best_epoch, history=history, loss_curve=curve)  # fmt: skip
 
 
 def fit(
@@ -165,6 +189,7 @@ def fit(
     resume: bool = False,
     skip_invalid: bool = False,
     progress: bool = True,
+    distiller: nn.Module | None = None,
 ) -> TrainResult:
     """Load the ``train`` and ``val`` splits of ``data`` (a built-in name or dataset YAML) and train."""
     from slimdet.data import load_dataset
@@ -173,37 +198,51 @@ def fit(
     train_ds = load_dataset(data, "train", input_size=size, augment=cfg.augment, skip_invalid=skip_invalid,
                             cache_images=cfg.cache_images)  # fmt: skip
     val_ds = load_dataset(data, "val", input_size=size, skip_invalid=skip_invalid)
-    return train(model, train_ds, val_ds, cfg, out_dir=out_dir, resume=resume, progress=progress)
+    return train(model, train_ds, val_ds, cfg, out_dir=out_dir, resume=resume, progress=progress, distiller=distiller)
 
 
-def _run_epoch(model, loader, optimizer, scheduler, ema, cfg, steps, epoch, progress) -> dict[str, float]:  # noqa: ANN001
+def _run_epoch(model, loader, optimizer, scheduler, ema, cfg, steps, epoch, progress, distiller):  # noqa: ANN001, ANN202
+    """One epoch; returns the epoch's mean loss terms and the curve points (window means) it logged."""
     model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = {}
+    window: dict[str, float] = {}
+    points: list[dict[str, float]] = []
+    log_every = max(1, steps // 10)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
     step = 0
     for step, (images, targets) in enumerate(itertools.islice(loader, steps)):
-        loss, parts = model.compute_loss(images, targets)
+        if distiller is not None:
+            loss, parts = distiller(model, images, targets)
+        else:
+            loss, parts = model.compute_loss(images, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
         for k, v in {"loss": loss.item(), **parts}.items():
             sums[k] = sums.get(k, 0.0) + v
+            window[k] = window.get(k, 0.0) + v
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n_window = (step % log_every) + 1
+            points.append({"step": epoch * steps + step + 1, **{k: v / n_window for k, v in window.items()}})
+            window = {}
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.3f}")
     bar.close()
     n = step + 1
-    return {f"train_{k}": v / n for k, v in sums.items()}
+    return {f"train_{k}": v / n for k, v in sums.items()}, points
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg: TrainConfig, *, extra: nn.Module | None = None) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for p in model.parameters():
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    for p in params:
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)  # no weight decay on biases and norm scales
     return torch.optim.AdamW(

@@ -4,6 +4,7 @@ Importing this package registers the replayers that ``slimdet.models.load_model`
 compressed architectures from their records.
 """
 
+from slimdet.compress.distill import DistillConfig, Distiller
 from slimdet.compress.graph import GraphConfig, GraphResult, optimize_graph
 from slimdet.compress.importance import IMPORTANCE, make_importance
 from slimdet.compress.lowrank import LowRank, LowRankConfig, LowRankResult, decompose, factorize
@@ -15,6 +16,8 @@ from slimdet.compress.sparsity import SparsityConfig, SparsityResult, make_perma
 __all__ = [
     "IMPORTANCE",
     "Allocation",
+    "DistillConfig",
+    "Distiller",
     "GraphConfig",
     "GraphResult",
     "LayerQuant",

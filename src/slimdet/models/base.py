@@ -50,6 +50,11 @@ class Detector(nn.Module):
         (class logits, box regression); compression keeps their outputs intact."""
         raise NotImplementedError
 
+    def feature_layers(self) -> list[str]:
+        """Module names whose *inputs* are the features the heads read (one per level), where
+        distillation imitates the teacher's features; models without them cannot be distilled."""
+        raise NotImplementedError(f"{type(self).__name__} names no feature layers")
+
     def compute_loss(self, images: Tensor, targets: list[Target]) -> tuple[Tensor, dict[str, float]]:
         """Total loss and its named parts for one batch; models whose loss needs the targets during
         the forward pass (two-stage detectors) override this."""

@@ -178,6 +178,22 @@ class YoloDetector(Detector):
         """Module names of the final prediction convs, whose channels fix the output format."""
         return [f"heads.{i}.{p}" for i in range(len(self.heads)) for p in ("box_pred", "cls_pred")]
 
+    def feature_layers(self) -> list[str]:
+        """Per level, the first conv of the box branch: its input is the neck feature both branches
+        read. Found by the weight it owns, so it survives compression that wraps or replaces the conv
+        (quantized, decomposed, fused)."""
+        out = []
+        for i in range(len(self.heads)):
+            prefix = f"heads.{i}.box."
+            for name, module in self.named_modules():
+                weight = getattr(module, "weight", None)
+                if name.startswith(prefix) and isinstance(weight, Tensor) and weight.ndim == 4:
+                    out.append(name)
+                    break
+            else:
+                raise ValueError(f"{prefix}*: no conv found to take the level-{i} feature from")
+        return out
+
     def split_raw(self, raw: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Flatten levels: box logits ``B x A x 4 x R``, class logits ``B x A x C``, anchor
         points ``A x 2`` (pixels) and strides ``A x 1``."""

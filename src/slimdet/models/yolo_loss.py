@@ -64,7 +64,7 @@ class YoloLoss(nn.Module):
         self, box_logits: Tensor, cls_logits: Tensor, points: Tensor, strides: Tensor, targets: list[dict[str, Tensor]]
     ) -> tuple[Tensor, dict[str, float]]:
         b, a, c = cls_logits.shape
-        gt_boxes, gt_labels, gt_mask = _pad_targets(targets, device=cls_logits.device)
+        gt_boxes, gt_labels, gt_mask = pad_targets(targets, device=cls_logits.device)
         pred_boxes = decode_distances(box_logits, points, strides)
         with torch.no_grad():
             fg, tgt_boxes, tgt_scores = self.assign(
@@ -122,7 +122,8 @@ class YoloLoss(nn.Module):
         return fg, tgt_boxes, tgt_scores
 
 
-def _pad_targets(targets: list[dict[str, Tensor]], *, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def pad_targets(targets: list[dict[str, Tensor]], *, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Targets as ``B x M x 4`` boxes, ``B x M`` labels (-1 for padding) and the ``B x M`` valid mask."""
     m = max((len(t["labels"]) for t in targets), default=0)
     b = len(targets)
     boxes = torch.zeros(b, m, 4, device=device)

@@ -79,6 +79,28 @@ def layer_macs(layers: list[dict[str, Any]], *, top: int = 20) -> bytes | None:
     return _png(fig)
 
 
+def loss_terms(curve: list[dict[str, float]]) -> bytes | None:
+    """Every logged loss term against the training step (log scale); None without points."""
+    if not curve:
+        return None
+    terms = [k for k in dict.fromkeys(k for point in curve for k in point) if k != "step"]
+    fig, ax = _figure(6.0, 3.8)
+    steps = [p["step"] for p in curve]
+    for term in terms:
+        values = [p.get(term) for p in curve]
+        pairs = [(x, v) for x, v in zip(steps, values, strict=True) if v is not None and v > 0]
+        if pairs:
+            xs, ys = zip(*pairs, strict=True)
+            ax.plot(xs, ys, lw=2.2 if term == "loss" else 1.2, label=_text(term))
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss (window mean)")
+    ax.set_title("loss terms")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    return _png(fig)
+
+
 def _figure(width: float, height: float) -> tuple[Figure, Any]:
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)

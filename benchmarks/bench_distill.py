@@ -1,0 +1,180 @@
+"""Fine-tuning a pruned yolo-s with and without distillation from the original, side by side (issue 7).
+
+    .venv/bin/python benchmarks/bench_distill.py [--epochs 2] [--macs-ratio 0.3] [--threads 1]
+
+The shipped baseline is pruned to ``--macs-ratio`` of its MACs with bench_prune's slimdet settings
+(Taylor importance, sensitivity allocation, channels rounded to 8, 128 calibration images), then
+the same pruned model is fine-tuned twice for ``--epochs`` epochs with the same settings (AdamW lr
+1e-3, cosine, EMA, warm-up 0.3 epochs, seed 0, the same data order): once on the detection loss
+alone, once with slimdet.compress.distill and its default weights, the baseline as the teacher.
+Reports test-split mAP@.5 of the baseline, the pruned model before fine-tuning and both
+fine-tuned models, and the share of the mAP lost without distillation that distillation recovers:
+``(mAP_distill - mAP_plain) / (mAP_baseline - mAP_plain)`` (target >= 0.5). Plots every loss term
+of both runs. Writes benchmarks/results/distill.json, distill_loss_terms.png and the "distill"
+section of benchmarks/RESULTS.md. Pruning and each fine-tuning resume from runs/bench_distill/
+when the script is run again after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from _common import RESULTS_DIR, ROOT, env_line, environment, write_json, write_section
+
+BASELINE = ROOT / "src" / "slimdet" / "assets" / "yolo-s_digits-det.pt"
+TARGET_RECOVERED = 0.5
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of both runs")
+    parser.add_argument("--macs-ratio", type=float, default=0.3, help="MACs kept by pruning")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_distill")
+    parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from results/distill.json")
+    args = parser.parse_args()
+    if args.render_only:
+        write_section("distill", render(json.loads((RESULTS_DIR / "distill.json").read_text())))
+        return 0
+    torch.set_num_threads(args.threads)
+    payload = run(args)
+    write_json("distill", payload)
+    text = render(payload)
+    write_section("distill", text)
+    print(text)
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    from slimdet.compress import PruneConfig, prune
+    from slimdet.compress.distill import DistillConfig, Distiller
+    from slimdet.data import load_dataset, make_loader
+    from slimdet.evaluate import evaluate
+    from slimdet.io import save_checkpoint
+    from slimdet.models import load_model
+    from slimdet.profiling.macs import total_macs
+    from slimdet.report import plots
+    from slimdet.train import TrainConfig, train
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    baseline, _ = load_model(BASELINE)
+    baseline.eval()
+    size = baseline.input_size
+    train_ds = load_dataset("digits-det", "train", input_size=size, augment=True, cache_images=True)
+    val_ds = load_dataset("digits-det", "val", input_size=size)
+    test_ds = load_dataset("digits-det", "test", input_size=size)
+
+    pruned_path = args.out / f"pruned_{args.macs_ratio}.pt"
+    prune_cfg = PruneConfig(importance="taylor", macs_ratio=args.macs_ratio, allocation="sensitivity", round_to=8)
+    if not pruned_path.is_file():
+        torch.manual_seed(0)
+        calib_ds = load_dataset("digits-det", "train", input_size=size).subset(128)
+        calib = list(make_loader(calib_ds, batch_size=32, shuffle=False))
+        model, _ = load_model(BASELINE)
+        t0 = time.perf_counter()
+        prune(model, prune_cfg, calib=calib, progress=True)
+        print(f"pruned in {time.perf_counter() - t0:.0f} s")
+        save_checkpoint(pruned_path, model_config=model.model_config, state_dict=model.state_dict())
+    ft_cfg = TrainConfig(epochs=args.epochs, lr=1e-3, warmup_epochs=0.3, eval_every=0, seed=0)
+    distill_cfg = DistillConfig()
+
+    rows: dict[str, dict] = {}
+    curves: dict[str, list] = {}
+    for name in ("plain", "distill"):
+        model, _ = load_model(pruned_path)
+        if "pruned" not in rows:
+            rows["pruned"] = {"test_map50": evaluate(model, test_ds, progress=False).map50,
+                              "macs": total_macs(model, model.example_inputs(1)),
+                              "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+        t0 = time.perf_counter()
+        out = args.out / f"{name}_{args.macs_ratio}_e{args.epochs}"
+        if name == "plain":
+            result = train(model, train_ds, val_ds, ft_cfg, out_dir=out, resume=True)
+            adapters: list[str] = []
+        else:
+            with Distiller(model, baseline, distill_cfg) as distiller:
+                result = train(model, train_ds, val_ds, ft_cfg, out_dir=out, resume=True, distiller=distiller)
+                adapters = sorted(distiller.adapters.keys())
+        curves[name] = result.loss_curve
+        res = evaluate(model.eval(), test_ds, progress=False)
+        rows[name] = {"test_map50": res.map50, "test_map": res.map, "finetune_s": time.perf_counter() - t0,
+                      "epoch_s": [h["time_s"] for h in result.history], "adapters": adapters,
+                      "final_epoch": result.history[-1]}  # fmt: skip
+    base = evaluate(baseline, test_ds, progress=False)
+    rows = {"baseline": {"test_map50": base.map50, "test_map": base.map,
+                         "macs": total_macs(baseline, baseline.example_inputs(1)),
+                         "params": sum(p.numel() for p in baseline.parameters())}, **rows}  # fmt: skip
+    for name, curve in curves.items():
+        png = plots.loss_terms(curve)
+        if png is not None:
+            (RESULTS_DIR / f"distill_loss_terms_{name}.png").write_bytes(png)
+    argv = f"benchmarks/bench_distill.py --epochs {args.epochs} --macs-ratio {args.macs_ratio} --threads {args.threads}"
+    return {"command": argv, "epochs": args.epochs, "macs_ratio": args.macs_ratio, "test_images": len(test_ds),
+            "prune": prune_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
+            "distill": distill_cfg.model_dump(mode="json"), "rows": rows, "loss_curves": curves,
+            "environment": environment(threads=args.threads)}  # fmt: skip
+
+
+def recovered(rows: dict) -> float | None:
+    """Share of the mAP@.5 lost without distillation that distillation gets back (None: nothing lost)."""
+    lost = rows["baseline"]["test_map50"] - rows["plain"]["test_map50"]
+    if lost <= 0:
+        return None
+    return (rows["distill"]["test_map50"] - rows["plain"]["test_map50"]) / lost
+
+
+def render(payload: dict) -> str:
+    rows = payload["rows"]
+    base = rows["baseline"]
+    d = payload["distill"]
+    lines = [
+        "## Distillation: fine-tuning a pruned yolo-s with and without the original as teacher (issue 7)",
+        "",
+        f"Command: `.venv/bin/python {payload['command']}`. The shipped baseline pruned to "
+        f"{payload['macs_ratio']:.0%} of its MACs (bench_prune's slimdet settings: Taylor importance, sensitivity "
+        f"allocation, round to 8), then fine-tuned for {payload['epochs']} epochs twice with the same settings and data "
+        "order (AdamW lr 1e-3, cosine, EMA, warm-up 0.3 epochs, seed 0): on the detection loss alone, and with "
+        f"distillation from the baseline (default weights: det {d['det']}, cls {d['cls']}, box {d['box']}, feat "
+        f"{d['feat']}, temperature {d['temperature']}). mAP on the {payload['test_images']:,}-image test split.",
+        "",
+        "| model | params | MACs | test mAP@.5 | Δ vs baseline (points) | mAP@[.5:.95] | fine-tuning time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in ("baseline", "pruned", "plain", "distill"):
+        r = rows[key]
+        label = {"baseline": "baseline (teacher)", "pruned": "pruned, before fine-tuning",
+                 "plain": "fine-tuned, detection loss only", "distill": "fine-tuned with distillation"}[key]  # fmt: skip
+        macs = f"{r['macs'] / 1e6:.1f} M" if "macs" in r else "same as pruned"
+        params = f"{r['params']:,}" if "params" in r else "same as pruned"
+        mapall = f"{r['test_map']:.4f}" if "test_map" in r else "–"
+        ft = f"{r['finetune_s'] / 60:.1f} min" if "finetune_s" in r else "–"
+        lines.append(f"| {label} | {params} | {macs} | {r['test_map50']:.4f} | "
+                     f"{100 * (r['test_map50'] - base['test_map50']):+.2f} | {mapall} | {ft} |")  # fmt: skip
+    share = recovered(rows)
+    lost = 100 * (base["test_map50"] - rows["plain"]["test_map50"])
+    if share is None:
+        verdict = f"fine-tuning without distillation lost nothing ({-lost:+.2f} points), so there was nothing to recover"
+    else:
+        met = "met" if share >= TARGET_RECOVERED else "**missed**"
+        verdict = (f"without distillation {lost:.2f} points of mAP@.5 stay lost; distillation recovers "
+                   f"{share:.0%} of them (target >= {TARGET_RECOVERED:.0%}: {met})")  # fmt: skip
+    final = rows["distill"]["final_epoch"]
+    terms = ", ".join(f"{k[6:]} {final[k]:.3f}" for k in final if k.startswith("train_"))
+    lines += [
+        "",
+        f"- {verdict}.",
+        f"- Feature adapters (1x1 convs to the teacher's width) at levels {rows['distill']['adapters'] or 'none'}; "
+        f"last-epoch mean loss terms with distillation: {terms}. Every term per window of steps: "
+        "`benchmarks/results/distill_loss_terms_distill.png` (and `_plain.png`).",
+        "",
+        f"Environment: {env_line(payload['environment'])}. Raw numbers: `benchmarks/results/distill.json`.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""Knowledge distillation for detectors: a compressed student learns from the original model.
+
+The student's loss is a weighted sum, every weight in :class:`DistillConfig`:
+
+- ``det``: the student's own detection loss against the ground truth;
+- ``cls``: classification distillation. The teacher's class scores, softened by a temperature T,
+  are soft targets: per anchor and class the binary KL divergence between
+  ``sigmoid(t / T)`` and ``sigmoid(s / T)``, times T^2 (Hinton et al., 2015), normalised like
+  the detection loss's classification term (by the sum of the teacher's best class scores);
+- ``box``: box distillation. The box head predicts a distribution over distance bins per side
+  (Distribution Focal Loss); the student matches the teacher's softened distributions (KL, T^2)
+  at the locations the task-aligned assigner gives the ground-truth boxes when it scores the
+  teacher's predictions, weighted by their alignment (localization distillation, Zheng et al.,
+  CVPR 2022);
+- ``feat``: feature imitation on the neck features that enter the heads (one per level). Where
+  the student's channels differ from the teacher's (pruned, decomposed), a 1x1 adapter conv maps
+  the student's feature to the teacher's width; the squared error is weighted separately over
+  the cells inside ground-truth boxes and the rest, so the few object cells are not drowned by
+  background (the foreground / background split of FGD, Yang et al., CVPR 2022).
+
+All three distillation terms are exactly zero when the student computes what the teacher
+computes. The teacher runs in eval mode without gradients; the adapters train with the student
+(their parameters are :meth:`Distiller.parameters`) and are dropped afterwards: the student's
+checkpoint is unchanged in format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from slimdet.errors import ConfigError
+from slimdet.models.base import Detector, Target
+from slimdet.models.yolo import YoloDetector
+from slimdet.models.yolo_loss import pad_targets
+
+#: ``teacher: original`` in a recipe: the model before compression (see the finetune step)
+ORIGINAL = "original"
+
+
+class DistillConfig(BaseModel):
+    """Teacher and loss weights of detection distillation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = 1
+    #: "original" (in a recipe: the model before the first compression step) or a checkpoint path
+    teacher: str = ORIGINAL
+    #: weight of the student's detection loss against the ground truth
+    det: float = Field(1.0, ge=0)
+    #: weight of classification distillation (soft teacher scores); the default is the gain the
+    #: detection loss gives its own classification term, so both sit on one scale
+    cls: float = Field(0.5, ge=0)
+    #: weight of box distillation (teacher distance distributions at assigned locations); the
+    #: default is the gain of the detection loss's distribution term (DFL), which it shadows
+    box: float = Field(1.5, ge=0)
+    #: weight of neck-feature imitation
+    feat: float = Field(1.0, ge=0)
+    #: softening temperature of the class scores and box distributions
+    temperature: float = Field(2.0, gt=0)
+    #: share of the feature loss given to the cells inside ground-truth boxes (the rest: background)
+    feat_fg_share: float = Field(0.7, ge=0, le=1)
+
+
+class Distiller(nn.Module):
+    """Teacher, adapters and feature taps for one student; call it to get the loss of a batch.
+
+    Use as a context manager (or call :meth:`close`) so the hooks on the student are removed.
+    """
+
+    def __init__(self, student: Detector, teacher: Detector, cfg: DistillConfig) -> None:
+        super().__init__()
+        check_pair(student, teacher)
+        self.cfg = cfg
+        self.teacher = [teacher.eval()]  # a list: not a submodule, so not trained, saved or moved with us
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self._student_taps = _Taps(student)
+        self._teacher_taps = _Taps(teacher)
+        self.adapters = nn.ModuleDict()
+        if cfg.feat > 0:
+            s_ch, t_ch = _feature_channels(student, self._student_taps), _feature_channels(teacher, self._teacher_taps)
+            for level, (cs, ct) in enumerate(zip(s_ch, t_ch, strict=True)):
+                if cs != ct:  # a 1x1 conv from the student's width to the teacher's
+                    self.adapters[str(level)] = nn.Conv2d(cs, ct, 1)
+
+    def forward(self, student: Detector, images: Tensor, targets: list[Target]) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and its named parts: the detection parts, ``det``, ``kd_cls``, ``kd_box``, ``kd_feat``."""
+        cfg = self.cfg
+        teacher = self.teacher[0]
+        want_feat = cfg.feat > 0
+        with torch.no_grad(), self._teacher_taps.capture(want_feat):
+            t_raw = teacher(images)
+        with self._student_taps.capture(want_feat):
+            s_raw = student(images)
+        det, parts = student.loss(s_raw, targets)
+        s_box, s_cls, points, strides = student.split_raw(s_raw)
+        t_box, t_cls, _, _ = teacher.split_raw(t_raw)
+        if s_cls.shape != t_cls.shape or s_box.shape != t_box.shape:
+            raise ConfigError(
+                f"distillation: the student's outputs {tuple(s_cls.shape)} / {tuple(s_box.shape)} differ from the "
+                f"teacher's {tuple(t_cls.shape)} / {tuple(t_box.shape)} (classes, anchors or box bins)"
+            )
+        zero = det.new_zeros(())
+        kd_cls = cls_distill_loss(s_cls, t_cls, cfg.temperature) if cfg.cls > 0 else zero
+        kd_box = zero
+        if cfg.box > 0:
+            weight = _assigned_weight(student, t_box, t_cls, points, strides, targets)
+            kd_box = box_distill_loss(s_box, t_box, weight, cfg.temperature)
+        kd_feat = zero
+        if want_feat:
+            sizes = [(r.shape[2], r.shape[3]) for r in s_raw]
+            masks = foreground_masks(targets, points, sizes, device=images.device)
+            s_feats, t_feats = self._student_taps.features, self._teacher_taps.features
+            for level, (sf, tf, mask) in enumerate(zip(s_feats, t_feats, masks, strict=True)):
+                adapter = self.adapters[str(level)] if str(level) in self.adapters else None
+                kd_feat = kd_feat + feature_loss(adapter(sf) if adapter is not None else sf, tf, mask,
+                                                 fg_share=cfg.feat_fg_share)  # fmt: skip
+            kd_feat = kd_feat / len(s_feats)
+        total = cfg.det * det + cfg.cls * kd_cls + cfg.box * kd_box + cfg.feat * kd_feat
+        kd = {"kd_cls": kd_cls.item(), "kd_box": kd_box.item(), "kd_feat": kd_feat.item()}
+        parts = {**parts, "det": det.item(), **kd}
+        return total, parts
+
+    def close(self) -> None:
+        """Remove the feature hooks from the student and the teacher."""
+        self._student_taps.close()
+        self._teacher_taps.close()
+
+    def __enter__(self) -> Distiller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_pair(student: Detector, teacher: Detector) -> None:
+    """Raise ConfigError unless the student can learn from the teacher's outputs."""
+    for name, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, YoloDetector):
+            raise ConfigError(
+                f"distillation: the {name} is a {type(model).__name__} ({model.model_config.get('name', '?')}); "
+                "distillation needs dense per-anchor outputs and supports the yolo-* models"
+            )
+    for attr in ("num_classes", "input_size", "reg_max"):
+        if getattr(student, attr) != getattr(teacher, attr):
+            raise ConfigError(
+                f"distillation: the teacher's {attr} is {getattr(teacher, attr)} but the student's is "
+                f"{getattr(student, attr)}; the teacher must predict the same classes at the same input size"
+            )
+
+
+def load_teacher(path: str | Path) -> Detector:
+    """A slimdet checkpoint as a frozen teacher (loaded with ``weights_only=True``)."""
+    from slimdet.models import load_model
+
+    model, _ = load_model(path)
+    return model.eval()
+
+
+# --- loss terms ------------------------------------------------------------------------------
+
+
+def cls_distill_loss(s_logits: Tensor, t_logits: Tensor, temperature: float) -> Tensor:
+    """Binary KL between softened teacher and student class scores (``B x A x C``), times T^2.
+
+    Normalised by the sum over anchors of the teacher's best (unsoftened) class score, so that
+    it scales like the detection loss's classification term, which divides by its target sum.
+    """
+    t = temperature
+    p = torch.sigmoid(t_logits / t)
+    log_q, log_1q = F.logsigmoid(s_logits / t), F.logsigmoid(-s_logits / t)
+    log_p, log_1p = F.logsigmoid(t_logits / t), F.logsigmoid(-t_logits / t)
+    kl = p * (log_p - log_q) + (1 - p) * (log_1p - log_1q)
+    norm = torch.sigmoid(t_logits).amax(-1).sum().clamp(min=1.0)
+    return kl.sum() * t * t / norm
+
+
+def box_distill_loss(s_box: Tensor, t_box: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """KL between softened teacher and student distance distributions (``B x A x 4 x R``), times T^2,
+    averaged over the 4 sides and weighted per anchor by ``weight`` (``B x A``, normalised to sum 1)."""
+    total = weight.sum()
+    if total <= 0:
+        return s_box.sum() * 0.0
+    t = temperature
+    log_p = F.log_softmax(t_box / t, dim=-1)
+    log_q = F.log_softmax(s_box / t, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)  # B x A
+    return (kl * weight).sum() / total * t * t
+
+
+def feature_loss(s_feat: Tensor, t_feat: Tensor, fg: Tensor, *, fg_share: float) -> Tensor:
+    """Squared error per cell (mean over channels), with a share ``fg_share`` of each image's weight
+    spread over its foreground cells (``fg``: ``B x H x W`` bool) and the rest over the background."""
+    if s_feat.shape != t_feat.shape:
+        raise ConfigError(
+            f"distillation: student feature {tuple(s_feat.shape)} and teacher feature {tuple(t_feat.shape)} differ"
+        )
+    err = (s_feat - t_feat).pow(2).mean(1)  # B x H x W
+    fgf = fg.to(err.dtype)
+    n_fg = fgf.flatten(1).sum(1).clamp(min=1.0)[:, None, None]
+    n_bg = (1 - fgf).flatten(1).sum(1).clamp(min=1.0)[:, None, None]
+    has_fg = (fgf.flatten(1).sum(1) > 0).to(err.dtype)[:, None, None]
+    share = fg_share * has_fg  # an image without objects gives all its weight to the background
+    w = fgf * share / n_fg + (1 - fgf) * (1 - share) / n_bg
+    return (err * w).sum() / err.shape[0]
+
+
+def foreground_masks(
+    targets: list[Target], points: Tensor, sizes: list[tuple[int, int]], *, device: torch.device
+) -> list[Tensor]:
+    """Per level, ``B x H x W`` masks of the cells whose centre lies inside a ground-truth box."""
+    boxes, _, valid = pad_targets(targets, device=device)
+    if boxes.shape[1] == 0:
+        inside = torch.zeros(len(targets), points.shape[0], dtype=torch.bool, device=device)
+    else:
+        x, y = points[:, 0][None, None], points[:, 1][None, None]
+        bx = boxes[..., None]
+        inside = (x > bx[:, :, 0]) & (x < bx[:, :, 2]) & (y > bx[:, :, 1]) & (y < bx[:, :, 3])
+        inside = (inside & valid[..., None]).any(1)  # B x A
+    out, start = [], 0
+    for h, w in sizes:
+        out.append(inside[:, start : start + h * w].reshape(-1, h, w))
+        start += h * w
+    return out
+
+
+@torch.no_grad()
+def _assigned_weight(
+    student: YoloDetector, t_box: Tensor, t_cls: Tensor, points: Tensor, strides: Tensor, targets: list[Target]
+) -> Tensor:
+    """``B x A``: the task-aligned assigner's weights when it scores the teacher's predictions."""
+    from slimdet.models.yolo_loss import decode_distances
+
+    boxes, labels, valid = pad_targets(targets, device=t_cls.device)
+    _, _, scores = student.criterion.assign(
+        t_cls.sigmoid(), decode_distances(t_box, points, strides), points, boxes, labels, valid
+    )
+    return scores.sum(-1)
+
+
+# --- feature taps ------------------------------------------------------------------------------
+
+
+class _Taps:
+    """Forward pre-hooks that keep the inputs of a detector's ``feature_layers()`` while capturing."""
+
+    def __init__(self, model: Detector) -> None:
+        names = model.feature_layers()
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ConfigError(f"distillation: {type(model).__name__} has no module(s) {missing} to take features from")
+        self.names = names
+        self.features: list[Tensor] = []
+        self._on = False
+        self._slots: dict[str, Tensor] = {}
+        self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str) -> Any:
+        def keep(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._on:
+                self._slots[name] = args[0]
+
+        return keep
+
+    def capture(self, on: bool) -> _Capture:
+        return _Capture(self, on)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class _Capture:
+    def __init__(self, taps: _Taps, on: bool) -> None:
+        self.taps, self.on = taps, on
+
+    def __enter__(self) -> None:
+        self.taps._slots = {}
+        self.taps._on = self.on
+
+    def __exit__(self, *exc: object) -> None:
+        taps = self.taps
+        taps._on = False
+        if self.on and exc[0] is None:
+            missing = [n for n in taps.names if n not in taps._slots]
+            if missing:
+                raise ConfigError(f"distillation: the forward pass never ran {missing}: no features to imitate")
+            taps.features = [taps._slots[n] for n in taps.names]
+        taps._slots = {}
+
+
+def _feature_channels(model: Detector, taps: _Taps) -> list[int]:
+    """Channels of each tapped feature, from one forward pass at batch 1 (eval mode, no grad)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), taps.capture(True):
+            model(model.example_inputs(1))
+    finally:
+        model.train(was)
+    return [f.shape[1] for f in taps.features]

@@ -1,0 +1,195 @@
+"""Detection distillation: loss terms, adapters, compressed and quantized students, the training loop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from slimdet.compress import PruneConfig, QuantConfig, prune, quantize
+from slimdet.compress.distill import (
+    DistillConfig,
+    Distiller,
+    box_distill_loss,
+    cls_distill_loss,
+    feature_loss,
+    foreground_masks,
+)
+from slimdet.errors import ConfigError
+from slimdet.models import create_model
+
+SIZE = 64
+TARGETS = [
+    {"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
+    {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0], [2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([0, 2])},
+]
+
+
+def images(seed: int = 3) -> torch.Tensor:
+    return torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def teacher(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("yolo-test", num_classes=3, input_size=SIZE)
+    # a few steps so that scores and box distributions are not at their initial values
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss, _ = model.compute_loss(images(), TARGETS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_student_identical_to_teacher_has_zero_distillation_loss():
+    t = teacher()
+    student = copy.deepcopy(t).eval()  # eval: batch-norm as in the teacher, so the outputs are identical
+    with Distiller(student, t, DistillConfig()) as d:
+        loss, parts = d(student, images(), TARGETS)
+        assert len(d.adapters) == 0
+    assert parts["kd_cls"] < 1e-6 and parts["kd_box"] < 1e-6 and parts["kd_feat"] < 1e-10
+    assert parts["det"] > 0.1  # the detection loss is still there ...
+    assert loss.item() == pytest.approx(parts["det"], rel=1e-5)  # ... and is all of the loss
+
+
+def test_distillation_terms_are_positive_and_pull_a_different_student():
+    t = teacher()
+    torch.manual_seed(1)
+    student = create_model("yolo-test", num_classes=3, input_size=SIZE).train()
+    with Distiller(student, t, DistillConfig(det=0.0)) as d:
+        _, first = d(student, images(), TARGETS)
+        assert min(first["kd_cls"], first["kd_box"], first["kd_feat"]) > 1e-4
+        opt = torch.optim.Adam(list(student.parameters()) + list(d.parameters()), lr=5e-3)
+        for _ in range(15):
+            loss, _ = d(student, images(), TARGETS)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        student.eval()
+        _, last = d(student, images(), TARGETS)
+    kd_first = first["kd_cls"] + first["kd_box"] + first["kd_feat"]
+    assert last["kd_cls"] + last["kd_box"] + last["kd_feat"] < 0.5 * kd_first
+
+
+def test_adapters_only_where_channels_differ_and_they_train():
+    t = teacher()
+    student = copy.deepcopy(t)
+    prune(student, PruneConfig(ratio=0.5, importance="l1"), calib=[(images(), TARGETS)], progress=False)
+    s_feats = [student.get_submodule(n).weight.shape[1] for n in student.feature_layers()]
+    t_feats = [t.get_submodule(n).weight.shape[1] for n in t.feature_layers()]
+    differ = {str(i) for i, (a, b) in enumerate(zip(s_feats, t_feats, strict=True)) if a != b}
+    assert differ  # pruning narrowed at least one neck output
+    student.train()
+    with Distiller(student, t, DistillConfig()) as d:
+        assert set(d.adapters.keys()) == differ
+        for key, conv in d.adapters.items():
+            assert (conv.in_channels, conv.out_channels) == (s_feats[int(key)], t_feats[int(key)])
+        loss, parts = d(student, images(), TARGETS)
+        loss.backward()
+        assert all(conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0 for conv in d.adapters.values())
+    assert parts["kd_feat"] > 0
+    # no feature term: no adapters either
+    with Distiller(student, t, DistillConfig(feat=0.0)) as d:
+        assert len(d.adapters) == 0
+
+
+def test_quantized_student_distills_and_its_step_sizes_get_gradients():
+    t = teacher()
+    student = copy.deepcopy(t)
+    quantize(student, QuantConfig(qat=True, auto_keep=False, runtime_aware=False), calib=[(images(), TARGETS)])
+    student.train()
+    with Distiller(student, t, DistillConfig()) as d:
+        loss, parts = d(student, images(), TARGETS)
+        loss.backward()
+    assert torch.isfinite(loss) and parts["kd_feat"] > 0  # fake quantization makes the student differ a little
+    grads = [p.grad for n, p in student.named_parameters() if "quant" in n and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_hooks_are_removed_on_close():
+    t = teacher()
+    student = copy.deepcopy(t)
+    names = student.feature_layers()
+    with Distiller(student, t, DistillConfig()):
+        assert all(len(student.get_submodule(n)._forward_pre_hooks) == 1 for n in names)
+    assert all(len(student.get_submodule(n)._forward_pre_hooks) == 0 for n in names)
+    assert all(len(t.get_submodule(n)._forward_pre_hooks) == 0 for n in names)
+
+
+def test_cls_loss_is_binary_kl_times_t_squared():
+    s, t_ = torch.tensor([[[0.5, -1.0]]]), torch.tensor([[[2.0, -3.0]]])
+    temp = 2.0
+    p, q = torch.sigmoid(t_ / temp), torch.sigmoid(s / temp)
+    kl = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum()
+    expected = kl * temp * temp / torch.sigmoid(t_).amax(-1).sum().clamp(min=1.0)
+    assert cls_distill_loss(s, t_, temp).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert cls_distill_loss(t_, t_, temp).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_box_loss_weights_anchors_and_is_zero_without_weight():
+    g = torch.Generator().manual_seed(0)
+    s, t_ = torch.randn(1, 3, 4, 8, generator=g), torch.randn(1, 3, 4, 8, generator=g)
+    only_first = box_distill_loss(s, t_, torch.tensor([[1.0, 0.0, 0.0]]), 1.0)
+    kl0 = (t_[0, 0].softmax(-1) * (t_[0, 0].log_softmax(-1) - s[0, 0].log_softmax(-1))).sum(-1).mean()
+    assert only_first.item() == pytest.approx(kl0.item(), rel=1e-5)
+    assert box_distill_loss(s, t_, torch.zeros(1, 3), 1.0).item() == 0.0
+
+
+def test_feature_loss_splits_weight_between_objects_and_background():
+    fg = torch.zeros(1, 2, 2, dtype=torch.bool)
+    fg[0, 0, 0] = True
+    t_ = torch.zeros(1, 1, 2, 2)
+    s_fg = t_.clone()
+    s_fg[0, 0, 0, 0] = 1.0  # error only on the one object cell
+    s_bg = t_.clone()
+    s_bg[0, 0, 1, 1] = 1.0  # error on one of three background cells
+    assert feature_loss(s_fg, t_, fg, fg_share=0.7).item() == pytest.approx(0.7)
+    assert feature_loss(s_bg, t_, fg, fg_share=0.7).item() == pytest.approx(0.3 / 3)
+    with pytest.raises(ConfigError, match="differ"):
+        feature_loss(torch.zeros(1, 2, 2, 2), t_, fg, fg_share=0.5)
+
+
+def test_foreground_masks_mark_cells_inside_boxes():
+    points = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0], [8.0, 8.0]])  # a 2x2 level, a 1x1 level
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([0])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]  # fmt: skip
+    m2, m1 = foreground_masks(targets, points, [(2, 2), (1, 1)], device=torch.device("cpu"))
+    assert m2[0].tolist() == [[True, False], [False, False]] and m1[0].tolist() == [[True]]
+    assert not m2[1].any() and not m1[1].any()
+
+
+def test_mismatched_teacher_and_unsupported_models_are_refused():
+    t = teacher()
+    other = create_model("yolo-test", num_classes=5, input_size=SIZE)
+    with pytest.raises(ConfigError, match="num_classes is 3 but the student's is 5"):
+        Distiller(other, t, DistillConfig())
+    ssd = create_model("ssdlite320_mobilenet_v3_large", num_classes=3, input_size=SIZE)
+    with pytest.raises(ConfigError, match="supports the yolo"):
+        Distiller(ssd, t, DistillConfig())
+    with pytest.raises(ValidationError):
+        DistillConfig(temperature=0)
+    with pytest.raises(ValidationError):
+        DistillConfig(kd_weight=1.0)
+
+
+def test_decomposed_student_is_tapped_at_its_first_factor_and_needs_no_adapter():
+    from slimdet.compress import LowRankConfig, decompose
+
+    t = teacher()
+    student = copy.deepcopy(t)
+    result = decompose(student, LowRankConfig(macs_reduction=0.3))
+    factorised = {layer.name for layer in result.layers}
+    assert "heads.0.box.0.0" in factorised
+    # the factorised conv became a sequence: its first factor reads the neck feature
+    assert student.feature_layers()[0] == "heads.0.box.0.0.0"
+    student.train()
+    with Distiller(student, t, DistillConfig()) as d:
+        assert len(d.adapters) == 0  # decomposition keeps every layer's input and output width
+        loss, parts = d(student, images(), TARGETS)
+        loss.backward()
+    assert torch.isfinite(loss) and parts["kd_feat"] > 0
+    first = student.get_submodule("heads.0.box.0.0.0").weight
+    assert first.grad is not None and first.grad.abs().sum() > 0
