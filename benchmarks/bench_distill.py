@@ -10,8 +10,8 @@ alone, once with slimdet.compress.distill and its default weights, the baseline 
 Reports test-split mAP@.5 of the baseline, the pruned model before fine-tuning and both
 fine-tuned models, and the share of the mAP lost without distillation that distillation recovers:
 ``(mAP_distill - mAP_plain) / (mAP_baseline - mAP_plain)`` (target >= 0.5). Plots every loss term
-of both runs. Writes benchmarks/results/distill.json, distill_loss_terms.png and the "distill"
-section of benchmarks/RESULTS.md. Pruning and each fine-tuning resume from runs/bench_distill/
+of both runs. Writes benchmarks/results/distill_e<epochs>.json, the loss-term plots and the
+"distill_e<epochs>" section of benchmarks/RESULTS.md. Pruning and each fine-tuning resume from runs/bench_distill/
 when the script is run again after an interruption.
 """
 
@@ -36,15 +36,21 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_distill")
     parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from results/distill.json")
+    parser.add_argument("--only", choices=["plain", "distill"],
+                        help="fine-tune only this contender and stop (to run the two in parallel processes; a run "
+                             "without --only then finds both finished and writes the results)")  # fmt: skip
     args = parser.parse_args()
+    name = f"distill_e{args.epochs}"
     if args.render_only:
-        write_section("distill", render(json.loads((RESULTS_DIR / "distill.json").read_text())))
+        write_section(name, render(json.loads((RESULTS_DIR / f"{name}.json").read_text())))
         return 0
     torch.set_num_threads(args.threads)
     payload = run(args)
-    write_json("distill", payload)
+    if args.only:
+        return 0
+    write_json(name, payload)
     text = render(payload)
-    write_section("distill", text)
+    write_section(name, text)
     print(text)
     return 0
 
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
 
     rows: dict[str, dict] = {}
     curves: dict[str, list] = {}
-    for name in ("plain", "distill"):
+    for name in (args.only,) if args.only else ("plain", "distill"):
         model, _ = load_model(pruned_path)
         if "pruned" not in rows:
             rows["pruned"] = {"test_map50": evaluate(model, test_ds, progress=False).map50,
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, curve in curves.items():
         png = plots.loss_terms(curve)
         if png is not None:
-            (RESULTS_DIR / f"distill_loss_terms_{name}.png").write_bytes(png)
+            (RESULTS_DIR / f"distill_e{args.epochs}_loss_terms_{name}.png").write_bytes(png)
     argv = f"benchmarks/bench_distill.py --epochs {args.epochs} --macs-ratio {args.macs_ratio} --threads {args.threads}"
     return {"command": argv, "epochs": args.epochs, "macs_ratio": args.macs_ratio, "test_images": len(test_ds),
             "prune": prune_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
@@ -132,7 +138,8 @@ def render(payload: dict) -> str:
     base = rows["baseline"]
     d = payload["distill"]
     lines = [
-        "## Distillation: fine-tuning a pruned yolo-s with and without the original as teacher (issue 7)",
+        f"## Distillation: a pruned yolo-s fine-tuned {payload['epochs']} epochs with and without the original "
+        "as teacher (issue 7)",
         "",
         f"Command: `.venv/bin/python {payload['command']}`. The shipped baseline pruned to "
         f"{payload['macs_ratio']:.0%} of its MACs (bench_prune's slimdet settings: Taylor importance, sensitivity "
@@ -169,9 +176,10 @@ def render(payload: dict) -> str:
         f"- {verdict}.",
         f"- Feature adapters (1x1 convs to the teacher's width) at levels {rows['distill']['adapters'] or 'none'}; "
         f"last-epoch mean loss terms with distillation: {terms}. Every term per window of steps: "
-        "`benchmarks/results/distill_loss_terms_distill.png` (and `_plain.png`).",
+        f"`benchmarks/results/distill_e{payload['epochs']}_loss_terms_distill.png` (and `_plain.png`).",
         "",
-        f"Environment: {env_line(payload['environment'])}. Raw numbers: `benchmarks/results/distill.json`.",
+        f"Environment: {env_line(payload['environment'])}. Raw numbers: "
+        f"`benchmarks/results/distill_e{payload['epochs']}.json`.",
     ]
     return "\n".join(lines)
 

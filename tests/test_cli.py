@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from slimdet.cli import main
-from slimdet.io import save_checkpoint
+from slimdet.io import load_checkpoint, save_checkpoint
 from slimdet.models import create_model, load_model
 from slimdet.pipeline import STEPS, RunContext, StepOptions, StepOutput, register_step
 
@@ -112,6 +112,21 @@ def test_train_writes_checkpoint(tmp_path, coco_yaml, capsys):
     assert (out / "last.pt").is_file()
 
 
+def test_train_with_a_teacher_distills_and_logs_the_terms(tmp_path, coco_yaml, capsys):
+    base = ["train", "--data", str(coco_yaml), "--epochs", "1", "--batch-size", "2", "--no-ema"]
+    teacher = tmp_path / "teacher"
+    assert main([*base, "--model", "yolo-test", "--input-size", "64", "--out", str(teacher)]) == 0
+    student = tmp_path / "student"
+    argv = [*base, "--model", "yolo-test", "--input-size", "64", "--teacher", str(teacher / "model.pt"),
+            "--out", str(student)]  # fmt: skip
+    assert main(argv) == 0
+    history = json.loads((student / "history.json").read_text())
+    assert {"train_kd_cls", "train_kd_box", "train_kd_feat", "train_det"} <= set(history[0])
+    argv[argv.index("--teacher") + 1] = str(tmp_path / "missing.pt")
+    assert main([*argv[:-1], str(tmp_path / "s2")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+
 def test_train_rejects_invalid_option(tmp_path, coco_yaml, capsys):
     argv = ["train", "--model", "yolo-test", "--data", str(coco_yaml), "--epochs", "0", "--out", str(tmp_path / "t")]
     assert main(argv) == 2
@@ -136,3 +151,18 @@ def test_compress_runs_and_resumes(tmp_path, checkpoint, coco_yaml, noop_step, c
     assert main(["compress", str(recipe), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["compress", str(recipe), "--out", str(out), "--resume", "--quiet"]) == 0
+
+
+def test_metainit_writes_a_checkpoint_and_rejects_bad_options(tmp_path, tiny_digits, capsys):
+    common = ["--model", "yolo-test", "--data", str(tiny_digits), "--input-size", "64", "--meta-iters", "2",
+              "--inner-steps", "1", "--batch-size", "4", "--ways", "2", "--held-out", "8", "9", "--quiet"]  # fmt: skip
+    assert main(["metainit", *common, "--out", str(tmp_path / "reptile")]) == 0
+    assert f"checkpoint: {tmp_path / 'reptile' / 'metainit.pt'} (reptile, 2 gradient steps" in capsys.readouterr().out
+    assert main(["metainit", *common, "--union", "--out", str(tmp_path / "union")]) == 0
+    assert "(union, 2 gradient steps" in capsys.readouterr().out
+    payload = load_checkpoint(tmp_path / "reptile" / "metainit.pt")
+    assert payload["model"]["num_classes"] == 2 and payload["metainit"]["config"]["family"]["held_out"] == [8, 9]
+    assert main(["metainit", *common, "--meta-iters", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "metainit options: meta_iters: expected a value >= 1, got 0" in capsys.readouterr().err
+    assert main(["metainit", *common, "--ways", "9", "--out", str(tmp_path / "bad")]) == 2
+    assert "TaskFamily.ways: 9 classes per task but only 8 meta-training classes" in capsys.readouterr().err

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help="TrainConfig field")
     tr.add_argument("--resume", action="store_true", help="continue the training stored in --out")
     tr.add_argument("--skip-invalid", action="store_true", help="drop invalid dataset records instead of failing")
+    tr.add_argument("--teacher", type=Path, help="distill from this slimdet checkpoint (default loss weights)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="COCO mAP of a checkpoint on a dataset split")
@@ -125,6 +126,43 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--quiet", action="store_true", help="no progress output")
     cd.set_defaults(func=cmd_codesign)
 
+    mi = sub.add_parser("metainit", help="meta-learn an initialization for a compact detector (Reptile over tasks)")
+    mi.add_argument("--model", default="yolo-n", help="registry name of a YOLO-family model (default yolo-n)")
+    mi.add_argument("--data", default="digits-det", help="built-in dataset name or dataset YAML (its train split)")
+    mi.add_argument("--out", type=Path, required=True, help="output folder (last.pt, metainit.pt)")
+    for flag, kind in (("--input-size", int), ("--meta-iters", int), ("--inner-steps", int), ("--inner-lr", float),
+                       ("--meta-lr", float), ("--meta-batch", int), ("--batch-size", int), ("--seed", int),
+                       ("--threads", int), ("--checkpoint-every", int)):  # fmt: skip
+        mi.add_argument(flag, type=kind, help="MetaInitConfig field (its default when omitted)")
+    mi.add_argument("--ways", type=int, help="classes per task (default 3)")
+    mi.add_argument("--held-out", type=int, nargs="*", help="class ids never used in meta-training (default 7 8 9)")
+    mi.add_argument("--meta-classes", type=int, nargs="+", help="class ids to meta-train on (default: all others)")
+    mi.add_argument("--scales", type=float, nargs="+", help="zoom-out factors in (0, 1] (default 0.6 0.8 1.0)")
+    mi.add_argument("--backgrounds", nargs="+", help="colour modes: color, gray (default both)")
+    mi.add_argument("--images-per-task", type=int, help="at most this many images per task (default all)")
+    mi.add_argument("--erase-held-out", action=argparse.BooleanOptionalAction, default=None,
+                    help="paint held-out objects over in meta-training images (default on)")  # fmt: skip
+    mi.add_argument("--union", action="store_true", help="run the baseline instead: ordinary pretraining on the "
+                    "union of the tasks (same data and gradient steps, no meta-update)")  # fmt: skip
+    mi.add_argument("--resume", action="store_true", help="continue the run stored in --out")
+    mi.add_argument("--quiet", action="store_true", help="no progress bar")
+    mi.set_defaults(func=cmd_metainit)
+
+    sc = sub.add_parser("schedule", help="partition a model across devices: latency and pipelined throughput plans")
+    sc.add_argument("model", help="registry name or checkpoint file")
+    sc.add_argument("--devices", default="npu,cpu", help="comma-separated: npu, cpu, gpu, a preset, a spec YAML, "
+                    "or name=preset (default npu,cpu)")  # fmt: skip
+    sc.add_argument("--bits", type=int, help="price GEMMs and tensors at these bits (a float model as deployed)")
+    sc.add_argument("--method", default="auto", choices=["auto", "dp", "milp", "heft", "brute"],
+                    help="latency partitioner (auto: dp for a chain, milp for <= 12 nodes, else heft)")  # fmt: skip
+    sc.add_argument("--depth", type=int, help="coarser nodes: one per call of a module this deep (2: backbone.stage1)")
+    sc.add_argument("--link-gb-per-s", type=float, help="link bandwidth, GB/s (default: the slower DRAM)")
+    sc.add_argument("--link-latency-us", type=float, help="fixed cost of one transfer, us (default 20)")
+    sc.add_argument("--input-size", type=int, default=160, help="for a registry name (default 160)")
+    sc.add_argument("--num-classes", type=int, default=10, help="for a registry name (default 10)")
+    sc.add_argument("--out", type=Path, help="also write schedule.json and gantt.png here")
+    sc.set_defaults(func=cmd_schedule)
+
     mo = sub.add_parser("models", help="list registered models")
     mo.set_defaults(func=cmd_models)
     return p
@@ -166,6 +204,32 @@ def cmd_codesign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metainit(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from slimdet.compress.metainit import MetaInitConfig, TaskFamily, pretrain_union, run_metainit
+    from slimdet.pipeline.validation import error_messages
+
+    family = {"dataset": str(args.data)} | {
+        k: getattr(args, k)
+        for k in ("ways", "held_out", "meta_classes", "scales", "backgrounds", "images_per_task", "erase_held_out")
+        if getattr(args, k) is not None
+    }  # fmt: skip
+    fields = ("input_size", "meta_iters", "inner_steps", "inner_lr", "meta_lr", "meta_batch", "batch_size", "seed",
+              "threads", "checkpoint_every")  # fmt: skip
+    values = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    try:
+        cfg = MetaInitConfig(model=args.model, family=TaskFamily(**family), **values)
+    except ValidationError as exc:
+        model_cls = TaskFamily if exc.title == "TaskFamily" else MetaInitConfig
+        raise ConfigError("metainit options: " + "; ".join(error_messages(exc, model_cls))) from None
+    run = pretrain_union if args.union else run_metainit
+    result = run(cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    print(f"checkpoint: {result.checkpoint} ({result.kind}, {result.gradient_steps} gradient steps, "
+          f"{result.time_s:.0f} s)")  # fmt: skip
+    return 0
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
     print(build_builtin(args.name, args.cache_dir))
     return 0
@@ -186,7 +250,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     source = {"checkpoint": args.checkpoint} if args.checkpoint is not None else {"model": args.model}
     path = train_checkpoint(
         **source, data=args.data, input_size=args.input_size, cfg=cfg, out=args.out, resume=args.resume,
-        skip_invalid=args.skip_invalid,
+        skip_invalid=args.skip_invalid, teacher=args.teacher,
     )  # fmt: skip
     print(f"checkpoint: {path} (final weights; the best on validation: {args.out / 'best.pt'})")
     return 0
@@ -215,8 +279,13 @@ def train_checkpoint(
     input_size: int = 160,
     resume: bool = False,
     skip_invalid: bool = False,
+    teacher: Path | None = None,
 ) -> Path:
-    """Train a registry model (or continue a checkpoint) and save its final weights to ``out/model.pt``."""
+    """Train a registry model (or continue a checkpoint) and save its final weights to ``out/model.pt``;
+    with ``teacher``, distil from that checkpoint (slimdet.compress.distill, default weights)."""
+    from contextlib import nullcontext
+
+    from slimdet.compress.distill import DistillConfig, Distiller, load_teacher
     from slimdet.io import save_checkpoint
     from slimdet.models import create_model, load_model
     from slimdet.pipeline.run import dataset_num_classes
@@ -226,7 +295,9 @@ def train_checkpoint(
         net, _ = load_model(checkpoint)
     else:
         net = create_model(str(model), num_classes=dataset_num_classes(data), input_size=input_size)
-    result = fit(net, data, cfg, out_dir=out, resume=resume, skip_invalid=skip_invalid)
+    distiller = Distiller(net, load_teacher(teacher), DistillConfig()) if teacher is not None else None
+    with distiller if distiller is not None else nullcontext():
+        result = fit(net, data, cfg, out_dir=out, resume=resume, skip_invalid=skip_invalid, distiller=distiller)
     if result.best_epoch >= 0:
         print(f"best validation mAP@[.5:.95] {result.best_map:.4f} (epoch {result.best_epoch + 1})")
     return save_checkpoint(out / "model.pt", model_config=net.model_config, state_dict=net.state_dict())
@@ -338,6 +409,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         path = atomic_write(args.out / "simulate.png", lambda f: f.write(png))
         print(f"plot: {path}")
     return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from slimdet.schedule.command import run_schedule
+
+    return run_schedule(args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from slimdet.compress.distill import DistillConfig, Distiller
 from slimdet.compress.graph import GraphConfig, GraphResult, optimize_graph
 from slimdet.compress.importance import IMPORTANCE, make_importance
 from slimdet.compress.lowrank import LowRank, LowRankConfig, LowRankResult, decompose, factorize
+from slimdet.compress.metainit import MetaInitConfig, TaskFamily, init_from, pretrain_union, run_metainit
 from slimdet.compress.prune import Allocation, PruneConfig, PruneResult, Scope, protected_layers, prune
 from slimdet.compress.quant import LayerQuant, QuantConfig, QuantResult, quantize
 from slimdet.compress.share import ShareConfig, ShareResult, share_weights
@@ -24,6 +25,7 @@ __all__ = [
     "LowRank",
     "LowRankConfig",
     "LowRankResult",
+    "MetaInitConfig",
     "PruneConfig",
     "PruneResult",
     "QuantConfig",
@@ -33,14 +35,18 @@ __all__ = [
     "ShareResult",
     "SparsityConfig",
     "SparsityResult",
+    "TaskFamily",
     "decompose",
     "factorize",
+    "init_from",
     "make_importance",
     "make_permanent",
     "optimize_graph",
+    "pretrain_union",
     "protected_layers",
     "prune",
     "quantize",
+    "run_metainit",
     "share_weights",
     "sparse_storage_bytes",
     "sparsify",

@@ -3,6 +3,7 @@
 Example (see ``recipes/default.yaml``)::
 
     checkpoint: ../src/slimdet/assets/yolo-s_digits-det.pt   # or: model: yolo-s
+                                 #   (with model: also init: <a 'slimdet metainit' checkpoint>)
     dataset: digits-det          # a built-in name or the path of a dataset YAML
     target: cpu
     steps:
@@ -35,6 +36,7 @@ class _TopLevel(BaseModel):
 
     model: str | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: str | None = None
     checkpoint: str | None = None
     dataset: str
     target: str = "cpu"
@@ -62,6 +64,8 @@ class Recipe:
     steps: tuple[StepSpec, ...]
     model: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: a metainit checkpoint the registry ``model`` starts from (``slimdet.compress.metainit.init_from``)
+    init: str | None = None
     checkpoint: str | None = None
     target: str = "cpu"
     input_size: int = 160
@@ -73,6 +77,7 @@ class Recipe:
         return {
             "model": self.model,
             "model_kwargs": dict(self.model_kwargs),
+            "init": self.init,
             "checkpoint": self.checkpoint,
             "dataset": self.dataset,
             "target": self.target,
@@ -94,7 +99,7 @@ def load_recipe(
 ) -> Recipe:
     """Read and validate a recipe from a YAML file or a dict; raises ConfigError naming the field.
 
-    Relative ``checkpoint`` and dataset paths resolve against the recipe file's folder (or
+    Relative ``checkpoint``, ``init`` and dataset paths resolve against the recipe file's folder (or
     ``base_dir`` for a dict), then the current directory. ``source`` names a dict recipe in
     messages; ``check_files=False`` accepts missing files (for a stored recipe on resume).
     """
@@ -115,6 +120,11 @@ def load_recipe(
         raise ConfigError(
             f"{source}: give exactly one of 'model' (a registry name) or 'checkpoint' (a checkpoint file path)"
         )
+    if top.init is not None and top.model is None:
+        raise ConfigError(
+            f"{source}: init: only used with 'model' (a metainit checkpoint initialises a registry model built "
+            "for the dataset's classes); a 'checkpoint' already holds trained weights, so drop one of the two"
+        )
     if top.checkpoint is not None and top.model_kwargs:
         raise ConfigError(f"{source}: model_kwargs: only used with 'model'; a checkpoint stores its own config")
     if "input_size" in top.model_kwargs:
@@ -124,10 +134,12 @@ def load_recipe(
     checkpoint = (
         _resolve_path(source, "checkpoint", top.checkpoint, folder, check_files) if top.checkpoint is not None else None
     )
+    init = _resolve_path(source, "init", top.init, folder, check_files) if top.init is not None else None
     steps = tuple(_parse_step(source, i, item) for i, item in enumerate(top.steps))
     return Recipe(
         model=top.model,
         model_kwargs=top.model_kwargs,
+        init=init,
         checkpoint=checkpoint,
         dataset=_resolve_dataset(source, top.dataset, folder, check_files),
         target=_resolve_path(source, "target", top.target, folder, check_files)

@@ -286,7 +286,12 @@ def _input_model(recipe: Recipe) -> tuple[Detector, dict[str, Any]]:
     num_classes = dataset_num_classes(recipe.dataset)
     with seeded(recipe.seed):
         model = create_model(recipe.model, num_classes=num_classes, input_size=recipe.input_size, **recipe.model_kwargs)
-    return model, {"kind": "model", "value": recipe.model}
+    if recipe.init is None:
+        return model, {"kind": "model", "value": recipe.model}
+    from slimdet.compress.metainit import init_from
+
+    init_from(model, recipe.init)
+    return model, {"kind": "model", "value": f"{recipe.model} from {recipe.init}", "init": recipe.init}
 
 
 def dataset_num_classes(source: str) -> int:
