@@ -143,6 +143,7 @@ def _import_builtin_steps() -> None:
     from slimdet.pipeline.builtin import lowrank_step as _lowrank  # noqa: F401
     from slimdet.pipeline.builtin import measure as _measure  # noqa: F401
     from slimdet.pipeline.builtin import quant_step as _quant  # noqa: F401
+    from slimdet.pipeline.builtin import schedule_step as _schedule  # noqa: F401
     from slimdet.pipeline.builtin import share_step as _share  # noqa: F401
     from slimdet.pipeline.builtin import sparsity_step as _sparsity  # noqa: F401
     from slimdet.pipeline.builtin import train as _train  # noqa: F401
