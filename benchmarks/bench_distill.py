@@ -158,7 +158,7 @@ def render(payload: dict) -> str:
         macs = f"{r['macs'] / 1e6:.1f} M" if "macs" in r else "same as pruned"
         params = f"{r['params']:,}" if "params" in r else "same as pruned"
         mapall = f"{r['test_map']:.4f}" if "test_map" in r else "–"
-        ft = f"{r['finetune_s'] / 60:.1f} min" if "finetune_s" in r else "–"
+        ft = f"{sum(r['epoch_s']) / 60:.1f} min" if "epoch_s" in r else "–"  # the epochs' own time (resumes excluded)
         lines.append(f"| {label} | {params} | {macs} | {r['test_map50']:.4f} | "
                      f"{100 * (r['test_map50'] - base['test_map50']):+.2f} | {mapall} | {ft} |")  # fmt: skip
     share = recovered(rows)
