@@ -91,6 +91,13 @@ def test_adapters_only_where_channels_differ_and_they_train():
         loss.backward()
         assert all(conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0 for conv in d.adapters.values())
     assert parts["kd_feat"] > 0
+    # the adapters start the same whatever used the random generator before
+    torch.manual_seed(123)
+    torch.rand(7)
+    with Distiller(student, t, DistillConfig()) as again:
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in d.state_dict().items())
+    with Distiller(student, t, DistillConfig(seed=1)) as other:
+        assert not all(torch.equal(v, other.state_dict()[k]) for k, v in d.state_dict().items())
     # no feature term: no adapters either
     with Distiller(student, t, DistillConfig(feat=0.0)) as d:
         assert len(d.adapters) == 0
