@@ -216,12 +216,7 @@ def _run_epoch(model, loader, optimizer, scheduler, ema, cfg, steps, epoch, prog
             loss, parts = distiller(model, images, targets)
         else:
             loss, parts = model.compute_loss(images, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        gradient_step(loss, optimizer, params, cfg.grad_clip, where=f"at epoch {epoch + 1}, step {step + 1}")
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
@@ -237,6 +232,19 @@ def _run_epoch(model, loader, optimizer, scheduler, ema, cfg, steps, epoch, prog
     bar.close()
     n = step + 1
     return {f"train_{k}": v / n for k, v in sums.items()}, points
+
+
+def gradient_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float,
+    *, where: str = "",
+) -> None:  # fmt: skip
+    """Back-propagate ``loss`` (refusing a non-finite one), clip the gradient norm of ``params``, step."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()}" + (f" {where}" if where else ""))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, *, extra: nn.Module | None = None) -> torch.optim.Optimizer:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from slimdet.errors import ConfigError
 from slimdet.models.base import Detector, Target
 from slimdet.models.yolo import YoloDetector
-from slimdet.models.yolo_loss import pad_targets
+from slimdet.models.yolo_loss import decode_distances, pad_targets
 
 #: ``teacher: original`` in a recipe: the model before compression (see the finetune step)
 ORIGINAL = "original"
@@ -241,8 +241,6 @@ def _assigned_weight(
     student: YoloDetector, t_box: Tensor, t_cls: Tensor, points: Tensor, strides: Tensor, targets: list[Target]
 ) -> Tensor:
     """``B x A``: the task-aligned assigner's weights when it scores the teacher's predictions."""
-    from slimdet.models.yolo_loss import decode_distances
-
     boxes, labels, valid = pad_targets(targets, device=t_cls.device)
     _, _, scores = student.criterion.assign(
         t_cls.sigmoid(), decode_distances(t_box, points, strides), points, boxes, labels, valid

@@ -25,6 +25,7 @@ from slimdet.errors import CheckpointError, ConfigError
 from slimdet.evaluate import evaluate
 from slimdet.io import load_checkpoint
 from slimdet.models.base import Detector
+from slimdet.train import gradient_step
 
 __all__ = ["InitFromResult", "adapt", "classifier_layers", "init_from", "steps_to_reach", "train_step"]
 
@@ -101,12 +102,7 @@ def train_step(model: Detector, optimizer: torch.optim.Optimizer, batch: Sequenc
     """One gradient step on ``(images, targets)``; returns the loss."""
     images, targets = batch
     loss, _ = model.compute_loss(images, targets)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss became {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    gradient_step(loss, optimizer, list(model.parameters()), grad_clip)
     return float(loss.item())
 
 
