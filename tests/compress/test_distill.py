@@ -103,6 +103,46 @@ def test_adapters_only_where_channels_differ_and_they_train():
         assert len(d.adapters) == 0
 
 
+def test_fitted_adapters_are_the_least_squares_map_and_beat_the_random_start():
+    t = teacher()
+    student = copy.deepcopy(t)
+    prune(student, PruneConfig(ratio=0.5, importance="l1"), calib=[(images(), TARGETS)], progress=False)
+    batches = [(images(seed), TARGETS) for seed in (11, 12, 13)]
+
+    def residuals(d: Distiller) -> dict[str, float]:  # ||A(s) - t||^2 / ||t - mean t||^2, measured directly
+        mapped: dict[str, list[torch.Tensor]] = {k: [] for k in d.adapters}
+        target: dict[str, list[torch.Tensor]] = {k: [] for k in d.adapters}
+        with torch.no_grad():
+            for x, _ in batches:
+                with d._teacher_taps.capture(True):
+                    t(x)
+                with d._student_taps.capture(True):
+                    student(x)
+                for key, adapter in d.adapters.items():
+                    mapped[key].append(adapter(d._student_taps.features[int(key)]).double())
+                    target[key].append(d._teacher_taps.features[int(key)].double())
+        out = {}
+        for key in d.adapters:
+            a, b = torch.cat(mapped[key]), torch.cat(target[key])
+            out[key] = float((a - b).pow(2).sum() / (b - b.mean((0, 2, 3), keepdim=True)).pow(2).sum())
+        return out
+
+    student.train()
+    with Distiller(student, t, DistillConfig()) as d:
+        student.eval()
+        random_start = residuals(d)
+        student.train()
+        reported = d.fit_adapters(student, batches)
+        assert student.training  # its mode is given back
+        student.eval()
+        fitted = residuals(d)
+    assert set(reported) == set(d.adapters.keys()) and reported
+    for key in reported:
+        assert reported[key] == pytest.approx(fitted[key], rel=1e-3, abs=1e-6)
+        assert fitted[key] < random_start[key]
+        assert fitted[key] < 1.0  # better than predicting the teacher's mean feature
+
+
 def test_quantized_student_distills_and_its_step_sizes_get_gradients():
     t = teacher()
     student = copy.deepcopy(t)

@@ -34,6 +34,15 @@ def test_finetune_after_pruning_distills_from_the_input_model_and_plots_the_term
     assert rec["record"]["loss_terms_plot"] == "steps/01_finetune/loss_terms.png"
     assert (run / "steps" / "01_finetune" / "loss_terms.png").stat().st_size > 5000
     assert "loss terms" in (run / "report.html").read_text()
+    assert distill["adapter_fit_residual"] == {}  # random adapter start by default
+
+
+def test_adapters_fitted_by_least_squares_when_asked(tiny_digits, tmp_path):
+    steps = [PRUNE, {"finetune": {**FINETUNE, "distill": {"adapter_fit_batches": 2}}}]
+    run_recipe(_recipe(tiny_digits, steps), out_dir=tmp_path / "run", progress=False)
+    distill = _record(tmp_path / "run", "01_finetune")["record"]["distill"]
+    assert set(distill["adapter_fit_residual"]) == set(distill["adapters"]) and distill["adapters"]
+    assert all(0 <= r < 1 for r in distill["adapter_fit_residual"].values())
 
 
 def test_original_teacher_is_the_last_trained_model_and_null_turns_distillation_off(tiny_digits, tmp_path):

@@ -26,6 +26,7 @@ checkpoint is unchanged in format.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,12 @@ class DistillConfig(BaseModel):
     feat_fg_share: float = Field(0.7, ge=0, le=1)
     #: seed of the adapters' initial weights
     seed: int = 0
+    #: batches of training images the adapters are first fitted on by least squares (student feature ->
+    #: teacher feature, ridge-regularised), so that feature imitation pulls in a meaningful direction
+    #: from the first step; 0 keeps the random start. Off by default: on digits-det's val split (pruned
+    #: yolo-s, 2 epochs) 4 batches gave mAP@.5 0.9541 against 0.9557 from the random start
+    #: (``bench_distill.py --sweep``, "gains-3x-fit")
+    adapter_fit_batches: int = Field(0, ge=0)
 
 
 class Distiller(nn.Module):
@@ -87,6 +94,8 @@ class Distiller(nn.Module):
         self._student_taps = _Taps(student)
         self._teacher_taps = _Taps(teacher)
         self.adapters = nn.ModuleDict()
+        #: per level, the relative residual of the least-squares adapter start (set by :meth:`prepare`)
+        self.adapter_fit: dict[str, float] = {}
         if cfg.feat > 0:
             s_ch, t_ch = _feature_channels(student, self._student_taps), _feature_channels(teacher, self._teacher_taps)
             with torch.random.fork_rng(devices=[]):  # the same adapters whatever ran before: reproducible runs
@@ -132,6 +141,67 @@ class Distiller(nn.Module):
         kd = {"kd_cls": kd_cls.item(), "kd_box": kd_box.item(), "kd_feat": kd_feat.item()}
         parts = {**parts, "det": det.item(), **kd}
         return total, parts
+
+    def prepare(self, student: Detector, loader: Any) -> None:
+        """Called by :func:`slimdet.train.train` before the first step of a new run: fits the adapters on
+        the first ``adapter_fit_batches`` batches of ``loader`` (the residuals go to ``self.adapter_fit``)."""
+        if self.adapters and self.cfg.adapter_fit_batches:
+            self.adapter_fit = self.fit_adapters(student, itertools.islice(loader, self.cfg.adapter_fit_batches))
+
+    @torch.no_grad()
+    def fit_adapters(self, student: Detector, batches: Any, *, ridge: float = 1e-3) -> dict[str, float]:
+        """Set each adapter to the least-squares map from the student's features to the teacher's.
+
+        Over every cell of ``batches`` ((images, targets) pairs; both models in eval mode) solve
+        ``min ||W s + b - t||^2 + ridge * tr(S^T S) / c_s * ||W||^2`` per level: the normal equations of a
+        1x1 conv. A random adapter makes the first steps of feature imitation push the student toward
+        noise; the fitted one starts from the best the current student can express, so the gradient
+        asks only for what is missing. Returns the relative residual ``||W s + b - t||^2 / ||t - mean t||^2``
+        per level (1.0 would mean the student's features explain nothing of the teacher's).
+        """
+        if not self.adapters:
+            return {}
+        teacher = self.teacher[0]
+        levels = [int(k) for k in self.adapters]
+        gram: dict[int, Tensor] = {}
+        cross: dict[int, Tensor] = {}
+        t_sq: dict[int, Tensor] = {}  # per channel: sum of t^2, sum of t (for the residual's scale)
+        t_sum: dict[int, Tensor] = {}
+        cells: dict[int, int] = {}
+        was_training = student.training
+        student.eval()
+        try:
+            for images, _ in batches:
+                with self._teacher_taps.capture(True):
+                    teacher(images)
+                with self._student_taps.capture(True):
+                    student(images)
+                for level in levels:
+                    s = _cells(self._student_taps.features[level])
+                    t = _cells(self._teacher_taps.features[level])
+                    s1 = torch.cat([s, s.new_ones(len(s), 1)], 1)
+                    gram[level] = gram.get(level, 0) + s1.T @ s1
+                    cross[level] = cross.get(level, 0) + s1.T @ t
+                    t_sq[level] = t_sq.get(level, 0) + t.pow(2).sum(0)
+                    t_sum[level] = t_sum.get(level, 0) + t.sum(0)
+                    cells[level] = cells.get(level, 0) + len(t)
+        finally:
+            student.train(was_training)
+        residual = {}
+        for level in levels:
+            g, c = gram[level], cross[level]
+            cs = g.shape[0] - 1
+            reg = torch.zeros_like(g)
+            reg.diagonal()[:cs] = ridge * g.diagonal()[:cs].sum() / cs  # no penalty on the bias
+            x = torch.linalg.solve(g + reg, c)  # (cs + 1) x ct
+            adapter = self.adapters[str(level)]
+            adapter.weight.copy_(x[:cs].T[:, :, None, None])
+            adapter.bias.copy_(x[cs])
+            sq = t_sq[level]
+            err = (sq - 2 * (x * c).sum(0) + (x * (g @ x)).sum(0)).sum()  # sum ||W s + b - t||^2
+            var = (sq - t_sum[level].pow(2) / cells[level]).sum()
+            residual[str(level)] = float(err / var.clamp(min=1e-12))
+        return residual
 
     def close(self) -> None:
         """Remove the feature hooks from the student and the teacher."""
@@ -215,6 +285,11 @@ def feature_loss(s_feat: Tensor, t_feat: Tensor, fg: Tensor, *, fg_share: float)
     share = fg_share * has_fg  # an image without objects gives all its weight to the background
     w = fgf * share / n_fg + (1 - fgf) * (1 - share) / n_bg
     return (err * w).sum() / err.shape[0]
+
+
+def _cells(feature: Tensor) -> Tensor:
+    """``B x C x H x W`` -> ``(B H W) x C`` in float64 (normal equations lose precision in float32)."""
+    return feature.detach().permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).double()
 
 
 def foreground_masks(

@@ -86,6 +86,7 @@ def finetune_step(ctx: RunContext, model: Detector, opts: FinetuneOptions) -> St
     with Distiller(model, teacher, opts.distill) as distiller:
         out = _run_training(ctx, model, opts, distiller=distiller)
     out.record["distill"] = {"teacher": source, "adapters": sorted(distiller.adapters.keys()),
+                             "adapter_fit_residual": distiller.adapter_fit,
                              "config": opts.distill.model_dump(mode="json")}  # fmt: skip
     return out
 
