@@ -1,7 +1,8 @@
 """The ``slimdet`` command: a thin layer over slimdet.pipeline and the verbs (train, evaluate, ...).
 
-``main(argv)`` runs in-process and returns the exit code: 0 on success, 2 for a user error
-(printed as ``error: <message>``, no traceback), argparse's code for a usage error.
+``main(argv)`` runs in-process and returns the exit code: 0 on success, 2 for a user error or an
+OS error such as a full disk (printed as ``error: <message>``, no traceback), argparse's code for a
+usage error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except SlimdetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment, not the code: a full disk, a read-only or missing place
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -45,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.set_defaults(func=cmd_data_build)
 
-    tr = sub.add_parser("train", help="train a model (from scratch or a checkpoint)")
+    tr = sub.add_parser("train", help="train a model (from scratch or a checkpoint)", epilog=TRAIN_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     src = tr.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="registry name (see 'slimdet models')")
     src.add_argument("--checkpoint", type=Path, help="slimdet checkpoint to start from")
@@ -56,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--warmup-epochs", float), ("--seed", int), ("--workers", int), ("--threads", int),
                        ("--max-steps-per-epoch", int), ("--eval-every", int)):  # fmt: skip
         tr.add_argument(flag, type=kind, help="TrainConfig field (its default when omitted)")
-    for flag in ("--ema", "--augment", "--cache-images"):
+    for flag in ("--ema", "--augment", "--cache-images", "--sync-bn"):
         tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help="TrainConfig field")
     tr.add_argument("--resume", action="store_true", help="continue the training stored in --out")
     tr.add_argument("--skip-invalid", action="store_true", help="drop invalid dataset records instead of failing")
     tr.add_argument("--teacher", type=Path, help="distill from this slimdet checkpoint (default loss weights)")
-    tr.set_defaults(func=cmd_train)
+    tr.add_argument("--nproc", type=int, metavar="N", help="train data-parallel in N processes on this machine "
+                    "(torchrun; gloo on CPU, nccl with one GPU each); --batch-size stays the global batch")  # fmt: skip
+    tr.set_defaults(func=cmd_train, command_parser=tr)
 
     ev = sub.add_parser("eval", help="COCO mAP of a checkpoint on a dataset split")
     ev.add_argument("checkpoint", type=Path)
@@ -124,7 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--out", type=Path, required=True, help="output folder (resumes a finished part when re-run)")
     cd.add_argument("--config", type=Path, help="CodesignConfig YAML (search spaces, selection); defaults otherwise")
     cd.add_argument("--quiet", action="store_true", help="no progress output")
+    add_ray_flags(cd, "the policies' prune + fine-tune and quantize + evaluate trials")
     cd.set_defaults(func=cmd_codesign)
+
+    se = sub.add_parser("sensitivity", help="pruning sensitivity of each prunable group: table, JSON and plot")
+    se.add_argument("model", help="checkpoint file, or a registry name with a shipped baseline on --data (yolo-s)")
+    se.add_argument("--data", default="digits-det", help="built-in dataset name or dataset YAML")
+    se.add_argument("--out", type=Path, required=True, help="output folder: sensitivity.txt, .json, .png")
+    se.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="fractions of a group's "
+                    "channels removed (default 0.25 0.5 0.75)")  # fmt: skip
+    se.add_argument("--importance", default="l1", help="channel importance criterion (default l1)")
+    se.add_argument("--proxy", choices=["loss", "distortion"], default="loss", help="what a trial measures on the "
+                    "calibration batches: the detector's loss, or the distortion of its raw outputs")  # fmt: skip
+    se.add_argument("--calib-images", type=int, default=32, help="train images the proxy is measured on (default 32)")
+    se.add_argument("--calib-batches", type=int, default=4, help="in this many batches (default 4)")
+    se.add_argument("--map-images", type=int, help="also the mAP drop on this many --map-split images (slow: one "
+                    "evaluation per trial)")  # fmt: skip
+    se.add_argument("--map-split", default="val")
+    se.add_argument("--threads", type=int, default=1, help="torch threads per trial (default 1: the same count gives "
+                    "the same table with and without --ray)")  # fmt: skip
+    se.add_argument("--quiet", action="store_true", help="no progress output")
+    add_ray_flags(se, "the (group, ratio) trials")
+    se.set_defaults(func=cmd_sensitivity)
 
     mi = sub.add_parser("metainit", help="meta-learn an initialization for a compact detector (Reptile over tasks)")
     mi.add_argument("--model", default="yolo-n", help="registry name of a YOLO-family model (default yolo-n)")
@@ -171,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_codesign(args: argparse.Namespace) -> int:
     from slimdet.models import load_model
     from slimdet.search.codesign import CodesignConfig, codesign
+    from slimdet.search.parallel import TrialRunner
 
     cfg = CodesignConfig()
     if args.config is not None:
@@ -194,14 +223,60 @@ def cmd_codesign(args: argparse.Namespace) -> int:
                               f"('slimdet train --model {args.model} --data {args.data} --out DIR') and pass "
                               "--checkpoint DIR/best.pt")  # fmt: skip
     model, _ = load_model(checkpoint)
+    runner = TrialRunner.from_flags(ray=args.ray, address=args.ray_address, threads=cfg.threads)
     result = codesign(model.eval(), str(args.data), cfg, out_dir=args.out, checkpoint=checkpoint,
-                      progress=not args.quiet)  # fmt: skip
+                      progress=not args.quiet, runner=runner)  # fmt: skip
     from slimdet.search.codesign_report import pareto_table
 
     print(pareto_table(result.points, result.pareto, result.chosen))
     print(f"{len(result.points)} points, {len(result.pareto)} on the Pareto front; report: {args.out / 'report.html'}; "
           f"chosen recipe: {result.recipe_path} ({result.time_s:.0f} s)")
     return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from slimdet.data import calibration_batches, load_dataset
+    from slimdet.io import atomic_write_text
+    from slimdet.models import load_model
+    from slimdet.search.parallel import TrialRunner
+    from slimdet.search.sensitivity import sensitivity_scan
+
+    if Path(args.model).is_file():
+        checkpoint: Path | None = Path(args.model)
+    elif args.model.endswith((".pt", ".pth")) or "/" in args.model:
+        raise ConfigError(f"{args.model}: checkpoint file not found")
+    elif (checkpoint := shipped_baseline(args.model, str(args.data))) is None:
+        raise ConfigError(f"{args.model}: no shipped baseline for it on {args.data}; pass a trained checkpoint file")
+    for flag in ("calib_images", "calib_batches", "map_images", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    model, _ = load_model(checkpoint)
+    size = model.input_size
+    calib = calibration_batches(load_dataset(args.data, "train", input_size=size), images=args.calib_images,
+                                batches=args.calib_batches)  # fmt: skip
+    map_dataset = None
+    if args.map_images is not None:
+        map_dataset = load_dataset(args.data, args.map_split, input_size=size)
+        if args.map_images < len(map_dataset):
+            map_dataset = map_dataset.subset(args.map_images)
+    runner = TrialRunner.from_flags(ray=args.ray, address=args.ray_address, threads=args.threads)
+    result = sensitivity_scan(model.eval(), calib=calib, ratios=args.ratios, importance=args.importance,
+                              proxy=args.proxy, map_dataset=map_dataset, progress=not args.quiet,
+                              runner=runner)  # fmt: skip
+    atomic_write_text(args.out / "sensitivity.txt", result.table() + "\n")
+    _maybe_json(args.out / "sensitivity.json", result.to_dict())
+    plot = result.plot(args.out / "sensitivity.png")
+    print(result.table())
+    print(f"table: {args.out / 'sensitivity.txt'}, {args.out / 'sensitivity.json'}; plot: {plot}")
+    return 0
+
+
+def add_ray_flags(parser: argparse.ArgumentParser, trials: str) -> None:
+    """``--ray`` and ``--ray-address`` of a search command (slimdet.search.parallel.TrialRunner)."""
+    parser.add_argument("--ray", action="store_true", help=f"run {trials} as Ray tasks, on a local Ray instance "
+                        "unless --ray-address (needs pip install 'slimdet[distributed]')")  # fmt: skip
+    parser.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster, as 'ray start --head' "
+                        "prints it, or 'auto' (implies --ray)")  # fmt: skip
 
 
 def cmd_metainit(args: argparse.Namespace) -> int:
@@ -243,17 +318,58 @@ def build_builtin(name: str, cache_dir: Path | None = None) -> Path:
     return Path(BUILTIN_DATASETS.get(name)(cache_dir))
 
 
+TRAIN_EPILOG = """\
+data-parallel training:
+  slimdet train ... --nproc N  runs this command in N processes on this machine under torchrun
+  (python -m torch.distributed.run --standalone --nproc_per_node N -m slimdet train ...).
+  On several machines start torchrun on each one (--node_rank 0 on the machine at --master_addr):
+    torchrun --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --master_port 29500 --nproc_per_node 4 \\
+        -m slimdet train --model yolo-s --data digits-det --batch-size 64 --out runs/ddp
+  --batch-size is the global batch (divisible by the number of processes); the processes train on
+  the batches one process would, and only rank 0 writes --out.
+"""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from slimdet import distributed
+
     fields = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "workers", "threads",
-              "max_steps_per_epoch", "eval_every", "ema", "augment", "cache_images")  # fmt: skip
+              "max_steps_per_epoch", "eval_every", "ema", "augment", "cache_images", "sync_bn")  # fmt: skip
     cfg = train_config({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    if getattr(args, "nproc", None) is not None:
+        if cfg.batch_size % args.nproc:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by --nproc "
+                              f"{args.nproc} (each process takes batch-size / nproc images per step)")  # fmt: skip
+        argv = ["train", *_command_line(args.command_parser, args, leave_out={"nproc"})]
+        return distributed.launch(argv, nproc=args.nproc)
     source = {"checkpoint": args.checkpoint} if args.checkpoint is not None else {"model": args.model}
-    path = train_checkpoint(
-        **source, data=args.data, input_size=args.input_size, cfg=cfg, out=args.out, resume=args.resume,
-        skip_invalid=args.skip_invalid, teacher=args.teacher,
-    )  # fmt: skip
-    print(f"checkpoint: {path} (final weights; the best on validation: {args.out / 'best.pt'})")
+    with distributed.process_group():  # under torchrun: one group for training and for writing model.pt
+        path = train_checkpoint(
+            **source, data=args.data, input_size=args.input_size, cfg=cfg, out=args.out, resume=args.resume,
+            skip_invalid=args.skip_invalid, teacher=args.teacher,
+        )  # fmt: skip
+        if distributed.is_main():
+            print(f"checkpoint: {path} (final weights; the best on validation: {args.out / 'best.pt'})")
     return 0
+
+
+def _command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, *, leave_out: set[str]) -> list[str]:
+    """The options of ``args`` that differ from ``parser``'s defaults, as arguments it parses back to them."""
+    out: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in leave_out or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            out.append(flag if value else "--no-" + flag.removeprefix("--"))
+        elif action.nargs == 0:  # store_true
+            out.append(flag)
+        else:
+            out += [flag, *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return out
 
 
 def train_config(values: dict[str, Any]) -> Any:
@@ -285,6 +401,7 @@ def train_checkpoint(
     with ``teacher``, distil from that checkpoint (slimdet.compress.distill, default weights)."""
     from contextlib import nullcontext
 
+    from slimdet import distributed
     from slimdet.compress.distill import DistillConfig, Distiller, load_teacher
     from slimdet.io import save_checkpoint
     from slimdet.models import create_model, load_model
@@ -293,14 +410,19 @@ def train_checkpoint(
 
     if checkpoint is not None:
         net, _ = load_model(checkpoint)
-    else:
-        net = create_model(str(model), num_classes=dataset_num_classes(data), input_size=input_size)
+    else:  # rank 0 builds a built-in dataset first, the other ranks then find it cached
+        net = create_model(str(model), num_classes=distributed.run_on_main(lambda: dataset_num_classes(data)),
+                           input_size=input_size)  # fmt: skip
     distiller = Distiller(net, load_teacher(teacher), DistillConfig()) if teacher is not None else None
     with distiller if distiller is not None else nullcontext():
         result = fit(net, data, cfg, out_dir=out, resume=resume, skip_invalid=skip_invalid, distiller=distiller)
-    if result.best_epoch >= 0:
-        print(f"best validation mAP@[.5:.95] {result.best_map:.4f} (epoch {result.best_epoch + 1})")
-    return save_checkpoint(out / "model.pt", model_config=net.model_config, state_dict=net.state_dict())
+    path = out / "model.pt"
+    if distributed.is_main():  # under torchrun every rank holds the same weights; rank 0 writes them
+        if result.best_epoch >= 0:
+            print(f"best validation mAP@[.5:.95] {result.best_map:.4f} (epoch {result.best_epoch + 1})")
+        save_checkpoint(path, model_config=net.model_config, state_dict=net.state_dict())
+    distributed.barrier()
+    return path
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -308,6 +430,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slimdet.evaluate import evaluate
     from slimdet.models import load_model
 
+    _output_folder(args.json)
     model, _ = load_model(args.checkpoint)
     ds = load_dataset(args.data, args.split, input_size=model.input_size)
     if args.max_images is not None and args.max_images < len(ds):
@@ -325,6 +448,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from slimdet.models import create_model, load_model
     from slimdet.profile import profile
 
+    _output_folder(args.json)
     if Path(args.model).is_file():
         model, _ = load_model(args.model)
     elif args.model.endswith((".pt", ".pth")) or "/" in args.model:
@@ -388,7 +512,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if (args.model is None) == (args.checkpoint is None):
         raise ConfigError("simulate: give a MODEL (registry name or checkpoint file) or --checkpoint, not both")
-    spec = load_spec(args.target)
+    try:
+        spec = load_spec(args.target)
+    except ConfigError as exc:
+        raise ConfigError(f"--target: {exc}") from None
     if not isinstance(spec, SystolicSpec):
         raise ConfigError(f"--target: {args.target!r} is a {spec.kind} roofline device; simulate needs a systolic "
                           "accelerator preset or spec (e.g. edge-npu, tpu-v1, eyeriss, fpga-zcu102)")  # fmt: skip
@@ -461,6 +588,14 @@ def _print_run(result: Any) -> None:
 
     print(summary_table(result.metrics))
     print(f"\nreport: {result.report_path}")
+
+
+def _output_folder(path: Path | None) -> None:
+    """Make the folder of an output file before the work, so that an unwritable place fails fast."""
+    if path is not None:
+        from slimdet.io import ensure_dir
+
+        ensure_dir(path.parent)
 
 
 def _maybe_json(path: Path | None, obj: dict[str, Any]) -> None:

@@ -19,3 +19,10 @@ class CheckpointError(SlimdetError):
 
 class ExportError(SlimdetError):
     """A model could not be exported, or the exported graph disagrees with PyTorch."""
+
+
+class OutputError(SlimdetError, OSError):
+    """An output file or folder cannot be written: no space left, a read-only place, a file in the way.
+
+    Also an OSError (with the original ``errno``), so code that handles OS errors keeps working.
+    """

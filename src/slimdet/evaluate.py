@@ -19,7 +19,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from slimdet.data.dataset import collate
@@ -104,6 +104,7 @@ def evaluate(
     iou_thres: float = 0.6,
     max_det: int = 100,
     progress: bool = True,
+    distributed: bool = False,
 ) -> EvalResult:
     """COCO mAP of ``model`` on ``dataset`` (a slimdet DetectionDataset or anything with its contract).
 
@@ -111,6 +112,10 @@ def evaluate(
     letterbox (orig = (input - pad) / scale, clipped to the image) and their labels to
     ``dataset.cat_ids``; the model's training flag is restored afterwards. As in the COCO
     benchmark, COCOeval scores at most 100 detections per image whatever ``max_det`` is.
+
+    ``distributed``: every rank of the initialized process group calls this; each predicts a
+    contiguous share of the images, the detections are gathered in image order (as one process
+    would list them) and scored once, on rank 0, and every rank returns that result.
     """
     num_classes = len(dataset.cat_ids)
     if getattr(model, "num_classes", num_classes) != num_classes:
@@ -122,7 +127,14 @@ def evaluate(
         raise ConfigError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    if distributed:
+        from slimdet import distributed as dist
+
+        share = np.array_split(np.arange(len(dataset)), dist.world_size())[dist.rank()]
+        dataset_part: Any = Subset(dataset, share.tolist())
+    else:
+        dataset_part = dataset
+    loader = DataLoader(dataset_part, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
     detections: list[dict[str, Any]] = []
     was_training = model.training
@@ -135,6 +147,9 @@ def evaluate(
                     detections.extend(_to_coco(pred, target, dataset.cat_ids))
     finally:
         model.train(was_training)
+    if distributed:
+        detections = [d for part in dist.all_gather_objects(detections) for d in part]
+        return dist.run_on_main(lambda: coco_map(dataset.coco_gt, detections))
     return coco_map(dataset.coco_gt, detections)
 
 

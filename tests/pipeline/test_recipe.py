@@ -147,3 +147,18 @@ def test_every_shipped_recipe_validates(name):
         assert recipe.checkpoint is not None and Path(recipe.checkpoint).is_file()
     assert recipe.dataset == "digits-det"
     assert [s.name for s in recipe.steps].count("evaluate") >= 2  # the original and the compressed model
+
+
+def test_recipe_target_typo_is_refused_with_a_suggestion(tmp_path: Path, tiny_digits: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": "yolo-test", "dataset": str(tiny_digits), "target": "edge-npx",
+                                    "steps": ["evaluate"]}))  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: target: unknown target 'edge-npx'")
+    assert "did you mean 'edge-npu'?" in message
+    for good in ("cpu", "gpu", "edge-npu"):
+        path.write_text(yaml.safe_dump({"model": "yolo-test", "dataset": str(tiny_digits), "target": good,
+                                        "steps": ["evaluate"]}))  # fmt: skip
+        assert load_recipe(path).target == good

@@ -5,20 +5,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from slimdet.data.coco import read_coco
 from slimdet.data.records import RecordSet, build_coco_gt
 from slimdet.data.spec import BUILTIN_DATASETS, DatasetFormat, load_spec
 from slimdet.data.transforms import Augment, Letterbox, apply_augment, letterbox, to_tensor
 from slimdet.data.yolo import read_yolo
-from slimdet.errors import DatasetError
+from slimdet.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +143,81 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader[Any]:
-    """A DataLoader with :func:`collate`; shuffling (and worker seeds) come from ``seed``."""
+    """A DataLoader with :func:`collate`; shuffling (and worker seeds) come from ``seed``.
+
+    With ``world_size > 1`` it is the loader of one process (``rank``) of data-parallel training:
+    ``batch_size`` stays the global batch, and the process gets its contiguous ``1/world_size``
+    share of every batch the single-process loader draws (:class:`ShardedBatchSampler`), so N
+    processes together see exactly the batches one process would. Re-seed ``loader.generator``
+    before an epoch on every rank alike: it decides the shared shuffle order. Worker processes'
+    seeds are offset by the rank, so that ranks do not draw the same augmentations.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if world_size == 1:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=num_workers,
+            collate_fn=collate,
+            drop_last=drop_last,
+            persistent_workers=num_workers > 0,
+        )
+    if batch_size % world_size:
+        raise ConfigError(f"batch_size {batch_size} is the global batch and must be divisible by the number of "
+                          f"processes, {world_size} (each takes batch_size / processes images per step)")  # fmt: skip
+    # the very sampler DataLoader(shuffle=True, generator=generator) builds, on the loader's own generator,
+    # so the permutation (and the loader's draw of its worker base seed before it) matches the single process
+    order = RandomSampler(range(len(ds)), generator=generator) if shuffle else SequentialSampler(range(len(ds)))
+    batches = ShardedBatchSampler(BatchSampler(order, batch_size, drop_last), rank=rank, world_size=world_size)
     return DataLoader(
         ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed),
+        batch_sampler=batches,
+        generator=generator,
         num_workers=num_workers,
         collate_fn=collate,
-        drop_last=drop_last,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_RankWorkerSeed(rank) if rank else None,
     )
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One rank's contiguous ``1/world_size`` slice of each batch of a global batch sampler.
+
+    Unlike torch's DistributedSampler (its own permutation, interleaved shards) this cuts the
+    single-process batches themselves, so a data-parallel run trains on the same global batches
+    in the same order as one process. A short last batch (no ``drop_last``) is padded by
+    repeating its first items up to a multiple of ``world_size``: every rank must take the same
+    number of steps, each with at least one image.
+    """
+
+    def __init__(self, batches: Sampler[list[int]], *, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            per_rank = math.ceil(len(batch) / self.world_size)
+            padded = (batch * self.world_size)[: per_rank * self.world_size]
+            yield padded[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+
+class _RankWorkerSeed:
+    """worker_init_fn: moves a worker's torch seed (augmentations) off the seeds of the other ranks' workers."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        torch.manual_seed((torch.initial_seed() + self.rank * 1_000_003) % 2**63)
 
 
 def calibration_batches(ds: DetectionDataset, *, images: int, batches: int) -> list[tuple[Any, Any]]:

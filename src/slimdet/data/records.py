@@ -120,8 +120,14 @@ def check_image(
         return None
     try:
         with Image.open(path) as im:
-            real = im.size
+            real, kind = im.size, im.format
             im.verify()  # checks the file structure and checksums without decoding the pixels
+        if kind not in ("PNG", "GIF"):
+            # verify() cannot see a truncated JPEG (or BMP, WebP, TIFF): decode it, JPEGs at 1/8 scale
+            # (the DCT's draft mode still reads every byte), so it fails here and not mid-training
+            with Image.open(path) as im:
+                im.draft("RGB", (max(1, real[0] // 8), max(1, real[1] // 8)))
+                im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         problems.add("corrupt_image", where, f"cannot read image {path}: {e}")
         return None

@@ -144,12 +144,29 @@ def load_recipe(
         dataset=_resolve_dataset(source, top.dataset, folder, check_files),
         target=_resolve_path(source, "target", top.target, folder, check_files)
         if top.target.endswith((".yaml", ".yml"))
-        else top.target,
+        else _check_target(source, top.target),
         input_size=top.input_size,
         seed=top.seed,
         steps=steps,
         source=source,
     )
+
+
+#: generic target labels a recipe may name instead of a hardware preset or spec file
+TARGET_LABELS = ("cpu", "gpu")
+
+
+def _check_target(source: str, target: str) -> str:
+    """A label (cpu, gpu) or a hardware preset; anything else is a typo that would otherwise silently fall back
+    to the default device of the hardware steps."""
+    from slimdet.hw.spec import list_presets
+    from slimdet.registry import unknown_name_message
+
+    options = [*TARGET_LABELS, *list_presets()]
+    if target not in options:
+        raise ConfigError(f"{source}: target: {unknown_name_message('target', target, options)}, or a hardware "
+                          "spec file (.yaml)")  # fmt: skip
+    return target
 
 
 def recipe_differences(a: Recipe, b: Recipe) -> list[str]:

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 import slimdet
-from slimdet.errors import ConfigError
-from slimdet.io import atomic_write_json, atomic_write_text, save_checkpoint
+from slimdet.errors import ConfigError, SlimdetError
+from slimdet.io import atomic_write_json, atomic_write_text, ensure_dir, save_checkpoint
 from slimdet.models.base import Detector
 from slimdet.pipeline.lock import RUN_LOCK, run_lock
 from slimdet.pipeline.recipe import Recipe, load_recipe, recipe_differences
@@ -82,7 +82,7 @@ def run_recipe(
     run_dir = Path(out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: the run directory path is a file; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir, what="run directory")
     with run_lock(run_dir):
         state = _start_or_resume(run_dir, recipe, resume=resume, progress=progress)
         return _run_steps(run_dir, recipe, state, progress=progress)
@@ -125,8 +125,10 @@ def _run_steps(run_dir: Path, recipe: Recipe, state: dict[str, Any], *, progress
         try:
             with seeded(recipe.seed + index):
                 out = step.fn(ctx, model, spec.options)
-        except BaseException:
+        except BaseException as exc:
             _log(progress, f"[{index + 1}/{total}] {spec.name}: failed after {time.perf_counter() - start:.1f} s")
+            if isinstance(exc, SlimdetError):
+                _name_the_step(exc, recipe.source, f"steps[{index}].{spec.name}")
             raise
         if not isinstance(out, StepOutput):
             raise TypeError(f"step {spec.name!r} returned {type(out).__name__}, expected a StepOutput")
@@ -174,6 +176,14 @@ def _run_steps(run_dir: Path, recipe: Recipe, state: dict[str, Any], *, progress
 
     report_path = write_report(run_dir)
     return RunResult(run_dir, recipe, model, run_dir / checkpoint, metrics, report_path, ran, skipped)
+
+
+def _name_the_step(exc: SlimdetError, source: str, where: str) -> None:
+    """Prefix a step's user error with the recipe file and the step (``recipe.yaml: steps[2].prune: ...``),
+    unless it names them already, so that the message says which step of which recipe failed."""
+    text = str(exc)
+    if not text.startswith(f"{source}: {where}"):
+        exc.args = (f"{source}: {where}: {text}",)
 
 
 def build_metrics(state: dict[str, Any], records: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -21,15 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tqdm.auto import tqdm
 
 from slimdet.errors import ConfigError
 from slimdet.hw.layers import GemmLayer, LayerTable
 from slimdet.hw.spec import Dataflow, SystolicSpec, load_spec, replace
 from slimdet.io import atomic_write_json, atomic_write_text, save_checkpoint
+from slimdet.search.parallel import Backend, TrialRunner
 from slimdet.search.pareto import pareto_front
 
 CALIB_BATCHES = 4  # calibration images are cut into this many batches, in the search and in the chosen recipe
@@ -142,6 +141,7 @@ def codesign(
     out_dir: str | Path,
     checkpoint: str | Path | None = None,
     progress: bool = True,
+    runner: TrialRunner | None = None,
 ) -> CodesignResult:
     """Search compression policies x accelerator configurations for ``model`` on ``dataset``.
 
@@ -152,10 +152,11 @@ def codesign(
         out_dir: results, plots, report.html, and ``chosen/recipe.yaml`` + ``chosen/hardware.yaml``.
         checkpoint: the file ``model`` came from, written into the chosen recipe (else the model is saved
             to ``out_dir/model.pt``).
+        runner: where the policies are pruned, fine-tuned, quantized and evaluated, e.g. ``TrialRunner("ray")``;
+            None runs them here with ``cfg.threads``. Runners with the same thread count give the same points.
     """
     from slimdet.data import calibration_batches, load_dataset
     from slimdet.hw.systolic import simulate
-    from slimdet.profiling.latency import torch_threads
 
     start = time.perf_counter()
     out = Path(out_dir)
@@ -170,21 +171,15 @@ def codesign(
     if cfg.eval_images is not None and cfg.eval_images < len(data["eval"]):
         data["eval"] = data["eval"].subset(cfg.eval_images)
     policies = [(r, b) for r in cfg.compression.macs_ratios for b in cfg.compression.weight_bits]
-    results: dict[tuple[float, int], dict[str, Any]] = {}
-    with torch_threads(cfg.threads or torch.get_num_threads()):
-        bar = tqdm(policies, desc="codesign policies", unit="policy", disable=not progress)
-        pruned: dict[float, Any] = {}
-        for ratio, bits in bar:
-            path = out / "policies" / f"macs{ratio:g}_w{bits}.json"
-            if path.is_file():
-                results[(ratio, bits)] = json.loads(path.read_text())
-                continue
-            if ratio not in pruned:
-                pruned[ratio] = _pruned(model, ratio, cfg, dataset, out, progress)
-            results[(ratio, bits)] = _quantized(pruned[ratio], ratio, bits, cfg, data)
-            atomic_write_json(path, results[(ratio, bits)])
+    results = {p: json.loads(_policy_path(out, *p).read_text()) for p in policies if _policy_path(out, *p).is_file()}
+    todo = [p for p in policies if p not in results]
+    runner = runner if runner is not None else TrialRunner(threads=cfg.threads)
+    if todo:
+        with runner.session():
+            _run_policies(todo, model, cfg, dataset, data, out, runner, progress, results)
     points = []
-    for (ratio, bits), res in results.items():
+    for ratio, bits in policies:
+        res = results[(ratio, bits)]
         table = _table_from_json(res["table"])
         for spec in specs:
             sim = simulate(table, spec)
@@ -217,18 +212,73 @@ def choose(points: list[dict[str, Any]], front: list[int], max_drop_points: floa
                                     -points[i]["map50"]))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every policy trial reads (with Ray, stored once in the object store)."""
+
+    model: Any  # the unpruned model
+    pruned: dict[float, Any]  # MACs ratio -> pruned and fine-tuned model (those done)
+    cfg: CodesignConfig
+    dataset: str
+    data: dict[str, Any]  # evaluation dataset, calibration batches
+    out: Path  # absolute: a Ray worker may run in another folder
+    progress: bool
+
+
+def _run_policies(todo: list[tuple[float, int]], model: Any, cfg: CodesignConfig, dataset: str, data: dict[str, Any],
+                  out: Path, runner: TrialRunner, progress: bool, results: dict) -> None:  # fmt: skip
+    """Prune + fine-tune each MACs ratio of ``todo`` (or load its cached checkpoint), then quantize + evaluate
+    each policy; every finished trial is saved at once, so an interrupted search loses only those running.
+
+    Two waves of independent trials: the pruned models, with the policies that need none of them (the
+    unpruned model's, and those whose pruned checkpoint is cached); then the other policies."""
+    from slimdet.models import load_model
+
+    pruned = {r: load_model(_pruned_path(out, r))[0] for r in {r for r, _ in todo} if _pruned_path(out, r).is_file()}
+    to_prune = list(dict.fromkeys(r for r, _ in todo if r < 1.0 and r not in pruned))
+    ready = [p for p in todo if p[0] not in to_prune]
+
+    def save(task: tuple[float, int | None], result: Any) -> None:
+        ratio, bits = task
+        if bits is None:
+            save_checkpoint(_pruned_path(out, ratio), model_config=result.model_config, state_dict=result.state_dict())
+            pruned[ratio] = result
+        else:
+            results[(ratio, bits)] = result
+            atomic_write_json(_policy_path(out, ratio, bits), result)
+
+    for tasks in ([(r, None) for r in to_prune] + ready, [p for p in todo if p not in ready]):
+        inputs = _Inputs(model, dict(pruned), cfg, dataset, data, out.resolve(),
+                         progress and runner.backend == Backend.LOCAL)  # fmt: skip
+        runner.run(_policy_trial, tasks, shared=inputs, seed=cfg.seed, on_result=save, progress=progress,
+                   desc="codesign policies")  # fmt: skip
+
+
+def _policy_trial(inputs: _Inputs, task: tuple[float, int | None]) -> Any:
+    """``(ratio, None)``: the model pruned to ``ratio`` of its MACs and fine-tuned; ``(ratio, bits)``: that
+    model's (or the unpruned model's, at 1.0) quantized mAP and layer table."""
+    ratio, bits = task
+    if bits is None:
+        return _pruned(inputs.model, ratio, inputs.cfg, inputs.dataset, inputs.out, inputs.progress)
+    model = inputs.model if ratio >= 1.0 else inputs.pruned[ratio]
+    return _quantized(model, ratio, bits, inputs.cfg, inputs.data)
+
+
+def _policy_path(out: Path, ratio: float, bits: int) -> Path:
+    return out / "policies" / f"macs{ratio:g}_w{bits}.json"
+
+
+def _pruned_path(out: Path, ratio: float) -> Path:
+    return out / "policies" / f"macs{ratio:g}" / "model.pt"
+
+
 def _pruned(model: Any, ratio: float, cfg: CodesignConfig, dataset: str, out: Path, progress: bool) -> Any:
-    """The model pruned to ``ratio`` of its MACs and fine-tuned (cached as a checkpoint), or a copy at 1.0."""
+    """A copy of ``model`` pruned to ``ratio`` of its MACs and fine-tuned (its training state in the
+    ratio's folder, so that an interrupted fine-tune resumes)."""
     from slimdet.compress import PruneConfig, prune
     from slimdet.data import load_dataset
-    from slimdet.models import load_model
     from slimdet.train import TrainConfig, train
 
-    if ratio >= 1.0:
-        return copy.deepcopy(model)
-    path = out / "policies" / f"macs{ratio:g}" / "model.pt"
-    if path.is_file():
-        return load_model(path)[0]
     comp = cfg.compression
     pruned = copy.deepcopy(model)
     prune(pruned, PruneConfig(importance=comp.importance, macs_ratio=ratio), progress=False)
@@ -237,10 +287,8 @@ def _pruned(model: Any, ratio: float, cfg: CodesignConfig, dataset: str, out: Pa
         train(pruned, train_ds, None, TrainConfig(epochs=comp.finetune_epochs, lr=1e-3, warmup_epochs=0.1,
                                                   max_steps_per_epoch=comp.finetune_steps_per_epoch, eval_every=0,
                                                   seed=cfg.seed),
-              out_dir=path.parent / "finetune", resume=True, progress=progress)  # fmt: skip
-    pruned.eval()
-    save_checkpoint(path, model_config=pruned.model_config, state_dict=pruned.state_dict())
-    return pruned
+              out_dir=_pruned_path(out, ratio).parent / "finetune", resume=True, progress=progress)  # fmt: skip
+    return pruned.eval()
 
 
 def _quantized(model: Any, ratio: float, bits: int, cfg: CodesignConfig, data: dict) -> dict[str, Any]:

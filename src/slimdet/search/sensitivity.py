@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from slimdet.compress.importance import Calib, calib_loss, eval_mode, make_importance
 from slimdet.compress.prune_graph import PruneGraph
 from slimdet.errors import ConfigError
 from slimdet.models.base import Detector
+from slimdet.search.parallel import TrialRunner
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,7 @@ def sensitivity_scan(
     protected: Sequence[str] | None = None,
     example_inputs: Tensor | None = None,
     progress: bool = True,
+    runner: TrialRunner | None = None,
 ) -> SensitivityResult:
     """Prune each prunable group alone at each ratio and measure the proxy change.
 
@@ -123,6 +124,9 @@ def sensitivity_scan(
         protected: layers never pruned; the model's output layers when None.
         example_inputs: the batch the graph is traced with; ``model.example_inputs(1)`` when None.
         progress: show a progress bar over the trials.
+        runner: where the (group, ratio) trials run, e.g. ``TrialRunner("ray")`` for Ray tasks; None runs
+            them here with this process's thread count. Any runner with the same ``threads`` gives the
+            same table, bit for bit.
     """
     from slimdet.compress.prune import protected_layers
 
@@ -144,27 +148,19 @@ def sensitivity_scan(
     baseline = calib_loss(model, calib) if proxy == "loss" else 0.0
     base_map = _map(model, map_dataset) if map_dataset is not None else None
 
+    inputs = _ScanInputs(model, calib, example, protected, proxy, reference, baseline, map_dataset, base_map)
+    trials = [_Trial(g.name, ratio, order[g.name][: _units_removed(g.units, ratio)], g.ch_groups)
+              for g in graph.groups for ratio in ratios]  # fmt: skip
+    runner = runner if runner is not None else TrialRunner(threads=None)
+    outcomes = iter(runner.run(_scan_trial, trials, shared=inputs, progress=progress, desc="sensitivity"))
     rows = []
-    bar = tqdm(total=len(graph.groups) * len(ratios), desc="sensitivity", unit="trial", disable=not progress)
     for group in graph.groups:
         change, drop = {}, {}
         for ratio in ratios:
-            trial = _structure_copy(model)
-            trial_graph = PruneGraph(trial, example, protected=protected)
-            n = min(max(1, round(group.units * ratio)), group.units - 1)
-            if n > 0:
-                trial_graph.prune_units(group.name, order[group.name][:n], ch_groups=group.ch_groups)
-            if proxy == "loss":
-                change[ratio] = (calib_loss(trial, calib) - baseline) / max(abs(baseline), 1e-12)
-            else:
-                change[ratio] = _distortion(_raw_outputs(trial, calib), reference)
-            if base_map is not None:
-                drop[ratio] = base_map - _map(trial, map_dataset)
-            bar.update(1)
+            change[ratio], drop[ratio] = next(outcomes)
         macs_after, _ = graph.estimate({group.name: torch.arange(group.units)})
         share = 1 - macs_after / graph.macs if graph.macs else 0.0
         rows.append(SensitivityRow(group.name, group.channels, share, change, drop if base_map is not None else None))
-    bar.close()
     return SensitivityResult(proxy, importance, tuple(ratios), baseline, tuple(rows), base_map)
 
 
@@ -185,6 +181,48 @@ def allocate(scores: dict[str, float], base_ratio: float, *, max_ratio: float = 
     """Per-group pruning ratios ``min(base_ratio * w_i, max_ratio)`` from sensitivity scores; the
     pruner searches ``base_ratio`` so that the whole model meets its target."""
     return {k: min(base_ratio * w, max_ratio) for k, w in sensitivity_weights(scores).items()}
+
+
+@dataclass(frozen=True)
+class _ScanInputs:
+    """What every trial reads (with Ray, stored once in the object store)."""
+
+    model: Detector
+    calib: Calib
+    example: Tensor
+    protected: list[str]
+    proxy: str
+    reference: list[list[Tensor]] | None  # raw outputs of the unpruned model (distortion proxy)
+    baseline: float
+    map_dataset: Any
+    base_map: float | None
+
+
+@dataclass(frozen=True)
+class _Trial:
+    group: str
+    ratio: float
+    units: Tensor  # the least important units of the group, removed in this trial
+    ch_groups: int
+
+
+def _scan_trial(inputs: _ScanInputs, trial: _Trial) -> tuple[float, float | None]:
+    """(relative proxy change, mAP drop or None) with one group pruned at one ratio."""
+    model = _structure_copy(inputs.model)
+    graph = PruneGraph(model, inputs.example, protected=inputs.protected)
+    if trial.units.numel() > 0:
+        graph.prune_units(trial.group, trial.units, ch_groups=trial.ch_groups)
+    if inputs.proxy == "loss":
+        change = (calib_loss(model, inputs.calib) - inputs.baseline) / max(abs(inputs.baseline), 1e-12)
+    else:
+        change = _distortion(_raw_outputs(model, inputs.calib), inputs.reference)
+    drop = inputs.base_map - _map(model, inputs.map_dataset) if inputs.base_map is not None else None
+    return change, drop
+
+
+def _units_removed(units: int, ratio: float) -> int:
+    """At least one unit, never all of them."""
+    return min(max(1, round(units * ratio)), units - 1)
 
 
 def _structure_copy(model: Detector) -> Detector:

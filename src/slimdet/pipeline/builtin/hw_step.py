@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from slimdet.models.base import Detector
 from slimdet.pipeline.steps import RunContext, StepOptions, StepOutput, register_step
@@ -13,6 +13,21 @@ class SimulateOptions(StepOptions):
     devices: list[str] = Field(default_factory=list)
     #: per-layer rows kept in the record (the slowest first are plotted either way)
     layer_rows: int = Field(200, ge=0)
+
+    @field_validator("devices")
+    @classmethod
+    def _known_presets(cls, value: list[str]) -> list[str]:
+        """Preset names are checked when the recipe loads (not steps later, when the step runs); spec
+        files are read when the step runs, so a stored recipe still loads where they are absent."""
+        from slimdet.hw.spec import list_presets
+        from slimdet.registry import unknown_name_message
+
+        presets = list_presets()
+        for device in value:
+            if not device.endswith((".yaml", ".yml")) and device not in presets:
+                raise ValueError(unknown_name_message("hardware preset", device, presets)
+                                 + " (or give the path of a spec YAML file)")  # fmt: skip
+        return value
 
 
 @register_step("simulate", options=SimulateOptions, changes_model=False)
