@@ -25,35 +25,17 @@ from slimdet.io import load_checkpoint, save_checkpoint
 from slimdet.models import create_model
 from slimdet.train import TrainConfig, _batchnorm, train
 
-#: exact-equivalence run: 4 epochs of 2 steps with a global batch of 4, validation after epochs 2 and 4
+#: exact-equivalence run: 4 epochs of 2 steps with a global batch of 4, validation after epochs 2 and 4; the
+#: detection loss itself, with batch norm on its running statistics (per-rank statistics are the one thing a
+#: CPU run cannot share: torch's SyncBatchNorm refuses CPU tensors)
 EXACT = TrainConfig(epochs=4, batch_size=4, max_steps_per_epoch=2, lr=2e-2, warmup_epochs=0.5, eval_every=2,
-                    augment=False, threads=1)  # fmt: skip
+                    augment=False, threads=1, freeze_bn=True)  # fmt: skip
 #: What the exact comparison allows: float rounding (summation order of the gradient all-reduce) only.
-#: Measured, 2 ranks vs 1 process: 1.5e-7 of the weight update (relative L2), 1.5e-7 on the loss curve (max
-#: relative); a 1-process run drawing other batches (seed 1) differs by 0.63 and 0.52. 1e-5 leaves ~60x headroom
-#: for other CPUs and BLAS builds and stays 50 000x below a sampling mistake.
+#: Measured, 2 ranks vs 1 process: 8.6e-8 of the weight update (relative L2), 1.3e-7 on the loss curve (max
+#: relative). Each rank dividing its loss by its own share's target scores instead of the global batch's gives
+#: 3.4e-2 and 1.5e-2; a 1-process run drawing other batches (seed 1) differs by 0.60. 1e-5 leaves ~100x headroom
+#: for other CPUs and BLAS builds and stays 1000x below either mistake.
 FLOAT_TOL = 1e-5
-
-
-class PerImageLoss(nn.Module):
-    """A batch's loss as the mean of its images' losses, with batch norm frozen (running statistics).
-
-    Used as ``train``'s distiller hook. Nothing in it depends on which images share a batch, so two ranks
-    holding half of each batch must reach what one process holding whole batches does, up to float rounding. The
-    detection loss itself does not have that property (see test_cli_nproc_2_trains_and_starts_like_one_process).
-    """
-
-    def forward(self, model, images, targets):
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        total, parts = images.new_zeros(()), {}
-        for i in range(len(images)):
-            loss, p = model.compute_loss(images[i : i + 1], targets[i : i + 1])
-            total = total + loss / len(images)
-            for k, v in p.items():
-                parts[k] = parts.get(k, 0.0) + v / len(images)
-        return total, parts
 
 
 def _model() -> nn.Module:
@@ -86,8 +68,7 @@ def _worker(data: str, out: str, dump: str) -> None:
     train_ds, val_ds = _datasets(Path(data))
     model = _model()
     with distributed.process_group():  # one group for training and the evaluation after it
-        result = train(model, train_ds, val_ds, EXACT, out_dir=out, resume=True, progress=False,
-                       distiller=PerImageLoss())  # fmt: skip
+        result = train(model, train_ds, val_ds, EXACT, out_dir=out, resume=True, progress=False)
         gathered = evaluate(model, val_ds, batch_size=1, progress=False, distributed=True).to_dict()
     local = evaluate(model, val_ds, batch_size=1, progress=False).to_dict()
     torch.save({"state": model.state_dict(), "history": result.history, "curve": result.loss_curve, "writes": writes,
@@ -133,18 +114,17 @@ def test_two_ranks_resume_and_match_one_process_and_only_rank_0_writes(tiny_digi
     reads_per_epoch = EXACT.max_steps_per_epoch * EXACT.batch_size
     with pytest.raises(Interrupt):
         train(_model(), Crashing(train_ds, 2 * reads_per_epoch + 3), val_ds, EXACT, out_dir=tmp_path / "ddp",
-              progress=False, distiller=PerImageLoss())  # fmt: skip
+              progress=False)
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["train_state"]["epoch"] == 1
     assert distributed.launch([__file__, str(tiny_digits), str(tmp_path / "ddp"), str(tmp_path)], nproc=2,
                               module=None) == 0  # fmt: skip
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
     single_model, init = _model(), _model().state_dict()
-    single = train(single_model, train_ds, val_ds, EXACT, out_dir=tmp_path / "one", progress=False,
-                   distiller=PerImageLoss())  # fmt: skip
+    single = train(single_model, train_ds, val_ds, EXACT, out_dir=tmp_path / "one", progress=False)
     other_model = _model()
     other = train(other_model, train_ds, val_ds, EXACT.model_copy(update={"seed": 1}), out_dir=tmp_path / "other",
-                  progress=False, distiller=PerImageLoss())  # fmt: skip
+                  progress=False)
 
     # it trains: the loss falls, and the weights moved
     assert single.loss_curve[-1]["loss"] < 0.9 * single.loss_curve[0]["loss"]
@@ -153,8 +133,10 @@ def test_two_ranks_resume_and_match_one_process_and_only_rank_0_writes(tiny_digi
     for (k, a), b in zip(rank0["state"].items(), rank1["state"].values(), strict=True):
         assert torch.equal(a, b), k
     # ... and the resumed 2-rank run is the 1-process run with the same global batches, up to float rounding
-    assert _update_rel_diff(rank0["state"], single_model.state_dict(), init) < FLOAT_TOL
-    assert _curve_rel_diff(rank0["curve"], single.loss_curve) < FLOAT_TOL
+    update_diff = _update_rel_diff(rank0["state"], single_model.state_dict(), init)
+    curve_diff = _curve_rel_diff(rank0["curve"], single.loss_curve)
+    assert update_diff < FLOAT_TOL, update_diff
+    assert curve_diff < FLOAT_TOL, curve_diff
     assert [h["epoch"] for h in rank0["history"]] == [0, 1, 2, 3]
     for h, g in zip(rank0["history"], single.history, strict=True):
         assert h.keys() == g.keys()
@@ -174,7 +156,7 @@ def test_two_ranks_resume_and_match_one_process_and_only_rank_0_writes(tiny_digi
     assert json.loads((tmp_path / "ddp" / "history.json").read_text()) == rank0["history"]
 
 
-def test_cli_nproc_2_trains_and_starts_like_one_process(tiny_digits, tmp_path, capfd):
+def test_cli_nproc_2_trains_like_one_process(tiny_digits, tmp_path, capfd):
     model = _model()
     init = save_checkpoint(tmp_path / "init.pt", model_config=model.model_config, state_dict=model.state_dict())
     args = ["train", "--checkpoint", str(init), "--data", str(tiny_digits), "--epochs", "2", "--batch-size", "8",
@@ -182,24 +164,32 @@ def test_cli_nproc_2_trains_and_starts_like_one_process(tiny_digits, tmp_path, c
     assert main([*args, "--out", str(tmp_path / "ddp"), "--nproc", "2"]) == 0
     out = capfd.readouterr().out
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--freeze-bn", "--out", str(tmp_path / "ddp-frozen"), "--nproc", "2"]) == 0
+    assert main([*args, "--freeze-bn", "--out", str(tmp_path / "one-frozen")]) == 0
     capfd.readouterr()
 
     # rank 0 alone reported (and wrote: rank 1 printing or writing would show up as a second line)
     assert out.count("checkpoint: ") == 1 and out.count("epoch 2/2") == 1
     for name in ("model.pt", "last.pt", "best.pt", "history.json", "loss_curve.json"):
         assert (tmp_path / "ddp" / name).is_file(), name
-    ddp_curve = json.loads((tmp_path / "ddp" / "loss_curve.json").read_text())
-    one_curve = json.loads((tmp_path / "one" / "loss_curve.json").read_text())
-    assert [p["step"] for p in ddp_curve] == [1, 2, 3, 4]
+
+    def curve(run: str) -> list[dict]:
+        return json.loads((tmp_path / run / "loss_curve.json").read_text())
+
+    ddp, one = curve("ddp"), curve("one")
+    assert [p["step"] for p in ddp] == [1, 2, 3, 4]
     # it trains
-    assert ddp_curve[-1]["loss"] < ddp_curve[0]["loss"]
+    assert ddp[-1]["loss"] < ddp[0]["loss"]
     trained = load_checkpoint(tmp_path / "ddp" / "model.pt")["state_dict"]
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in trained.items() if v.is_floating_point())
-    # Same weights, same 8 images at step 1: the loss differs only through batch norm (statistics of 4 images
-    # per rank) and the loss's normalization by its batch's target scores. Measured 3.2e-4 relative; another
-    # shuffle (seed 1) gives 5.1e-3. Later steps drift apart: AdamW turns these small gradient differences into
-    # full-size steps, so after a few steps this run is as far from the 1-process one as another shuffle is.
-    assert abs(ddp_curve[0]["loss"] - one_curve[0]["loss"]) / one_curve[0]["loss"] < 2e-3
+    # Batch norm in training mode: same weights and the same 8 images at step 1, but the statistics come from 4
+    # images per rank, so the losses differ a little (measured 3.2e-4 relative; another shuffle gives 5.1e-3),
+    # and AdamW turns that into full-size differences within a few steps.
+    assert abs(ddp[0]["loss"] - one[0]["loss"]) / one[0]["loss"] < 2e-3
+    # --freeze-bn: nothing depends on how a batch is split, and the whole run is the 1-process run
+    assert _curve_rel_diff(curve("ddp-frozen"), curve("one-frozen")) < FLOAT_TOL
+    a, b = (load_checkpoint(tmp_path / run / "model.pt")["state_dict"] for run in ("ddp-frozen", "one-frozen"))
+    assert _update_rel_diff(a, b, model.state_dict()) < FLOAT_TOL
 
 
 def test_nproc_needs_a_batch_divisible_by_it(tiny_digits, tmp_path, capsys):

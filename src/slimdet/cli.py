@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--warmup-epochs", float), ("--seed", int), ("--workers", int), ("--threads", int),
                        ("--max-steps-per-epoch", int), ("--eval-every", int)):  # fmt: skip
         tr.add_argument(flag, type=kind, help="TrainConfig field (its default when omitted)")
-    for flag in ("--ema", "--augment", "--cache-images", "--sync-bn"):
+    for flag in ("--ema", "--augment", "--cache-images", "--sync-bn", "--freeze-bn"):
         tr.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help="TrainConfig field")
     tr.add_argument("--resume", action="store_true", help="continue the training stored in --out")
     tr.add_argument("--skip-invalid", action="store_true", help="drop invalid dataset records instead of failing")
@@ -334,7 +334,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from slimdet import distributed
 
     fields = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "seed", "workers", "threads",
-              "max_steps_per_epoch", "eval_every", "ema", "augment", "cache_images", "sync_bn")  # fmt: skip
+              "max_steps_per_epoch", "eval_every", "ema", "augment", "cache_images", "sync_bn",
+              "freeze_bn")  # fmt: skip
     cfg = train_config({k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     if getattr(args, "nproc", None) is not None:
         if cfg.batch_size % args.nproc:

@@ -169,6 +169,43 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, (t / ctx.world_size).tolist(), strict=True))
 
 
+_sync_normalizers = False
+
+
+@contextmanager
+def synced_loss_normalizers() -> Iterator[None]:
+    """For the body, :func:`loss_normalizer` sums a loss's batch normalizer over the ranks.
+
+    ``slimdet.train.train`` holds this around its training steps, where every rank computes the loss of
+    its share of the same global batch in step. Anywhere else (evaluation, calibration losses in pruning
+    and quantization, metainit) a collective inside the loss could wait forever for ranks that never call it,
+    so the default is off.
+    """
+    global _sync_normalizers
+    before, _sync_normalizers = _sync_normalizers, current() is not None and current().world_size > 1  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        _sync_normalizers = before
+
+
+def loss_normalizer(total: torch.Tensor, *, floor: float = 0.0) -> torch.Tensor:
+    """The divisor of a loss summed over a batch: ``max(total, floor)``, ``total`` being e.g. the sum of the
+    assigned target scores.
+
+    Under :func:`synced_loss_normalizers` it is the global batch's total (summed over the ranks, then
+    ``floor``) divided by the number of ranks: DistributedDataParallel averages the ranks' gradients, so each
+    rank dividing its partial sum by that gives exactly the gradient of one process dividing the whole
+    batch's sum by the whole batch's total. A per-rank divisor would weight a rank with few targets up.
+    """
+    total = total.detach()
+    if not _sync_normalizers:
+        return total.clamp(min=floor)
+    summed = total.clone()
+    dist.all_reduce(summed)
+    return summed.clamp(min=floor) / dist.get_world_size()
+
+
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     """Overwrite every buffer of ``module`` (batch-norm statistics, EMA counters) with rank ``src``'s.
 

@@ -18,10 +18,11 @@ order), and DistributedDataParallel averages the gradients of model and distille
 keep identical weights. The loss terms logged are means over the ranks; validation splits the
 images over the ranks and scores the gathered detections once, so every rank sees the same
 mAP; only rank 0 writes checkpoints and logs and shows progress, and ``resume`` reads rank 0's
-``last.pt``. A data-parallel run differs from the single process only where a batch's images
-are not treated independently: batch-norm statistics (per rank on CPU; see
-``TrainConfig.sync_bn``) and the detection loss's normalization by its batch's target scores,
-which each rank computes over its own share.
+``last.pt``. Losses normalized by a batch-level total (the detection loss's target-score sum, the distillation
+terms') divide by the global batch's total (slimdet.distributed.loss_normalizer). What remains
+different from the single process is batch norm in training mode: its statistics are per rank on
+CPU (``TrainConfig.sync_bn`` on GPUs); with ``freeze_bn`` (running statistics, as fine-tuning
+often does anyway) a data-parallel run computes what one process computes, up to float rounding.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class TrainConfig(BaseModel):
     #: process would compute them. None: on with nccl (GPUs); torch 2.14.1's SyncBatchNorm refuses CPU
     #: tensors, so on gloo (CPU) each rank normalizes with its own share of the batch (True there is an error)
     sync_bn: bool | None = None
+    #: batch norm in inference mode while training: normalise with the running statistics and leave them as
+    #: they are (the affine weights still train); makes a data-parallel CPU run match a single process
+    freeze_bn: bool = False
 
 
 @dataclass
@@ -176,8 +180,9 @@ def train(
                 torch.manual_seed(cfg.seed * 1000 + epoch + (rank << 32))
                 loader.generator.manual_seed(cfg.seed * 1000 + epoch)  # shuffle order of this epoch, on every rank
                 t0 = time.perf_counter()
-                sums, points = _run_epoch(batch_loss, model, loader, optimizer, scheduler, ema, cfg, steps_per_epoch,
-                                          epoch, progress, ctx)  # fmt: skip
+                with distributed.synced_loss_normalizers():  # the global batch's normalizers (a no-op alone)
+                    sums, points = _run_epoch(batch_loss, model, loader, optimizer, scheduler, ema, cfg,
+                                              steps_per_epoch, epoch, progress, ctx)  # fmt: skip
                 curve.extend(points)
                 record: dict[str, Any] = {"epoch": epoch, "time_s": time.perf_counter() - t0,
                                           "lr": optimizer.param_groups[0]["lr"], **sums}  # fmt: skip
@@ -258,6 +263,10 @@ class BatchLoss(nn.Module):
 def _run_epoch(batch_loss, model, loader, optimizer, scheduler, ema, cfg, steps, epoch, progress, ctx):  # noqa: ANN001, ANN202
     """One epoch; returns the epoch's mean loss terms and the curve points (window means) it logged."""
     model.train()
+    if cfg.freeze_bn:  # normalise with the running statistics, which then stay as they are
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sums: dict[str, float] = {}
     window: dict[str, float] = {}

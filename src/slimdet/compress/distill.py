@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from slimdet.distributed import loss_normalizer
 from slimdet.errors import ConfigError
 from slimdet.models.base import Detector, Target
 from slimdet.models.yolo import YoloDetector
@@ -253,14 +254,14 @@ def cls_distill_loss(s_logits: Tensor, t_logits: Tensor, temperature: float) -> 
     log_q, log_1q = F.logsigmoid(s_logits / t), F.logsigmoid(-s_logits / t)
     log_p, log_1p = F.logsigmoid(t_logits / t), F.logsigmoid(-t_logits / t)
     kl = p * (log_p - log_q) + (1 - p) * (log_1p - log_1q)
-    norm = torch.sigmoid(t_logits).amax(-1).sum().clamp(min=1.0)
+    norm = loss_normalizer(torch.sigmoid(t_logits).amax(-1).sum(), floor=1.0)
     return kl.sum() * t * t / norm
 
 
 def box_distill_loss(s_box: Tensor, t_box: Tensor, weight: Tensor, temperature: float) -> Tensor:
     """KL between softened teacher and student distance distributions (``B x A x 4 x R``), times T^2,
     averaged over the 4 sides and weighted per anchor by ``weight`` (``B x A``, normalised to sum 1)."""
-    total = weight.sum()
+    total = loss_normalizer(weight.sum())
     if total <= 0:
         return s_box.sum() * 0.0
     t = temperature

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, complete_box_iou_loss
 
+from slimdet.distributed import loss_normalizer
+
 
 def anchor_points(
     sizes: list[tuple[int, int]], strides: tuple[int, ...], *, device: torch.device, dtype: torch.dtype
@@ -70,7 +72,7 @@ class YoloLoss(nn.Module):
             fg, tgt_boxes, tgt_scores = self.assign(
                 cls_logits.sigmoid(), pred_boxes, points, gt_boxes, gt_labels, gt_mask
             )
-        norm = tgt_scores.sum().clamp(min=1.0)
+        norm = loss_normalizer(tgt_scores.sum(), floor=1.0)  # the global batch's, under data-parallel training
         loss_cls = F.binary_cross_entropy_with_logits(cls_logits, tgt_scores, reduction="sum") / norm
         if fg.any():
             weight = tgt_scores.sum(-1)[fg]
