@@ -38,6 +38,9 @@ SWEEP = {  # the first seven ran before adapters were fitted by least squares: t
     "gains-6x": {"cls": 3.0, "box": 9.0, "feat": 6.0, "temperature": 2.0, "adapter_fit_batches": 0},
     "gains-10x": {"cls": 5.0, "box": 15.0, "feat": 10.0, "temperature": 2.0, "adapter_fit_batches": 0},
     "gains-3x-fit": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 4},
+    "gains-3x-T1": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 1.0, "adapter_fit_batches": 0},
+    "gains-3x-T4": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 4.0, "adapter_fit_batches": 0},
+    "gains-3x-det0.5": {"det": 0.5, "cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 0},
 }
 
 
@@ -192,9 +195,9 @@ def render_sweep(payload: dict) -> str:
         f"{payload['val_images']}-image **val** split (the test split is not used to choose). Baseline (teacher): "
         f"{base:.4f}; fine-tuned without distillation: {plain:.4f}.",
         "",
-        "| weighting | cls | box | feat | T | adapters start | val mAP@.5 | share of the lost mAP recovered | "
+        "| weighting | det | cls | box | feat | T | adapters start | val mAP@.5 | share of the lost mAP recovered | "
         "val mAP@[.5:.95] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     best = max((k for k in rows if k not in ("baseline", "plain")), key=lambda k: rows[k]["val_map50"])
     for key, r in rows.items():
@@ -204,7 +207,8 @@ def render_sweep(payload: dict) -> str:
         share = (r["val_map50"] - plain) / (base - plain) if base > plain else float("nan")
         name = f"**{key}**" if key == best else key
         start = f"least squares, {w['adapter_fit_batches']} batches" if w.get("adapter_fit_batches") else "random"
-        lines.append(f"| {name} | {w['cls']} | {w['box']} | {w['feat']} | {w['temperature']} | {start} | "
+        lines.append(f"| {name} | {w.get('det', 1.0)} | {w['cls']} | {w['box']} | {w['feat']} | {w['temperature']} | "
+                     f"{start} | "
                      f"{r['val_map50']:.4f} | "
                      f"{share:.0%} | {r['val_map']:.4f} |")  # fmt: skip
     lines += ["", f"Chosen as `DistillConfig`'s defaults: {best} (the highest val mAP@.5)."]

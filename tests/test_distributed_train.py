@@ -75,26 +75,6 @@ def _worker(data: str, out: str, dump: str) -> None:
                 "gathered_eval": gathered, "local_eval": local}, Path(dump) / f"rank{rank}.pt")  # fmt: skip
 
 
-class Interrupt(Exception):
-    pass
-
-
-class Crashing(torch.utils.data.Dataset):
-    """Wraps a dataset and raises after ``after`` item reads: a run killed mid-epoch."""
-
-    def __init__(self, ds, after):
-        self.ds, self.after, self.reads = ds, after, 0
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads > self.after:
-            raise Interrupt
-        return self.ds[i]
-
-
 def _update_rel_diff(a: dict, b: dict, init: dict) -> float:
     """|a - b| / |b - init| over the trained floating-point tensors: the share of the update that differs."""
     keys = [k for k, v in b.items() if v.is_floating_point() and not k.endswith(("running_mean", "running_var"))]
@@ -109,6 +89,8 @@ def _curve_rel_diff(a: list[dict], b: list[dict]) -> float:
 
 
 def test_two_ranks_resume_and_match_one_process_and_only_rank_0_writes(tiny_digits, tmp_path):
+    from tests._crashing import Crashing, Interrupt  # here: the torchrun workers run this file without tests/
+
     # a 1-process run is killed in its 3rd epoch; 2 ranks under torchrun resume it from last.pt up to epoch 4
     train_ds, val_ds = _datasets(tiny_digits)
     reads_per_epoch = EXACT.max_steps_per_epoch * EXACT.batch_size

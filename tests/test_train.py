@@ -8,28 +8,9 @@ from slimdet.errors import CheckpointError
 from slimdet.io import load_checkpoint
 from slimdet.models import create_model, load_model
 from slimdet.train import TrainConfig, _lr_factor, train
+from tests._crashing import Crashing, Interrupt
 
 CFG = TrainConfig(epochs=3, batch_size=4, lr=3e-3, warmup_epochs=0.5, max_steps_per_epoch=2, eval_every=1, threads=1)
-
-
-class Interrupt(Exception):
-    pass
-
-
-class Crashing(torch.utils.data.Dataset):
-    """Wraps a dataset and raises after ``after`` item reads: a run killed mid-epoch."""
-
-    def __init__(self, ds, after):
-        self.ds, self.after, self.reads = ds, after, 0
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads > self.after:
-            raise Interrupt
-        return self.ds[i]
 
 
 @pytest.fixture(scope="module")
