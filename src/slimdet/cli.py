@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_codesign(args: argparse.Namespace) -> int:
+    import torch
+
     from slimdet.models import load_model
     from slimdet.search.codesign import CodesignConfig, codesign
     from slimdet.search.parallel import TrialRunner
@@ -223,7 +225,11 @@ def cmd_codesign(args: argparse.Namespace) -> int:
                               f"('slimdet train --model {args.model} --data {args.data} --out DIR') and pass "
                               "--checkpoint DIR/best.pt")  # fmt: skip
     model, _ = load_model(checkpoint)
-    runner = TrialRunner.from_flags(ray=args.ray, address=args.ray_address, threads=cfg.threads)
+    # the points depend on the torch thread count of a trial (oneDNN's summation order): unset, it is this
+    # process's count for the Ray trials too, so that --ray gives the plain run's points ('threads: 1' in --config
+    # lets more trials run at once)
+    threads = cfg.threads or torch.get_num_threads()
+    runner = TrialRunner.from_flags(ray=args.ray, address=args.ray_address, threads=threads)
     result = codesign(model.eval(), str(args.data), cfg, out_dir=args.out, checkpoint=checkpoint,
                       progress=not args.quiet, runner=runner)  # fmt: skip
     from slimdet.search.codesign_report import pareto_table
