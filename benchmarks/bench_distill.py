@@ -275,8 +275,8 @@ def render(payload: dict) -> str:
     lines += [
         "",
         f"- {verdict}.",
-        "- The default weights were chosen on the val split among 7 weightings (section \"choosing the default "
-        "loss weights\", `--sweep`); the test split was not used to choose.",
+        f"- The default weights score highest of the {len(SWEEP)} weightings tried on the val split (section "
+        "\"choosing the default loss weights\", `--sweep`); the test split was not used to choose.",
         f"- Feature adapters (1x1 convs to the teacher's width) at levels {rows['distill']['adapters'] or 'none'}; "
         f"last-epoch mean loss terms with distillation: {terms}. Every term per window of steps: "
         f"`benchmarks/results/distill_e{payload['epochs']}_loss_terms_distill.png` (and `_plain.png`).",
