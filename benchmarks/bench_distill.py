@@ -29,18 +29,21 @@ from _common import RESULTS_DIR, ROOT, env_line, environment, write_json, write_
 BASELINE = ROOT / "src" / "slimdet" / "assets" / "yolo-s_digits-det.pt"
 TARGET_RECOVERED = 0.5
 #: ``--sweep``: the loss weightings compared on the val split (2 epochs) to choose DistillConfig's defaults
-SWEEP = {  # the first seven ran before adapters were fitted by least squares: they start them at random
-    "gains-1x": {"cls": 0.5, "box": 1.5, "feat": 1.0, "temperature": 2.0, "adapter_fit_batches": 0},  # detection gains
-    "feat-4": {"cls": 0.5, "box": 1.5, "feat": 4.0, "temperature": 2.0, "adapter_fit_batches": 0},
-    "T1-cls1": {"cls": 1.0, "box": 1.5, "feat": 1.0, "temperature": 1.0, "adapter_fit_batches": 0},
-    "T4-cls1": {"cls": 1.0, "box": 1.5, "feat": 1.0, "temperature": 4.0, "adapter_fit_batches": 0},
-    "gains-3x": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 0},
-    "gains-6x": {"cls": 3.0, "box": 9.0, "feat": 6.0, "temperature": 2.0, "adapter_fit_batches": 0},
-    "gains-10x": {"cls": 5.0, "box": 15.0, "feat": 10.0, "temperature": 2.0, "adapter_fit_batches": 0},
-    "gains-3x-fit": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 4},
-    "gains-3x-T1": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 1.0, "adapter_fit_batches": 0},
-    "gains-3x-T4": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 4.0, "adapter_fit_batches": 0},
-    "gains-3x-det0.5": {"det": 0.5, "cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 0},
+SWEEP = {  # the first seven ran before adapters could be fitted by least squares (random start); all but the
+    # last two before layer-wise imitation existed (layers 0)
+    "gains-1x": {"cls": 0.5, "box": 1.5, "feat": 1.0, "temperature": 2.0, "adapter_fit_batches": 0, "layers": 0.0},  # detection gains
+    "feat-4": {"cls": 0.5, "box": 1.5, "feat": 4.0, "temperature": 2.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "T1-cls1": {"cls": 1.0, "box": 1.5, "feat": 1.0, "temperature": 1.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "T4-cls1": {"cls": 1.0, "box": 1.5, "feat": 1.0, "temperature": 4.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "gains-3x": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "gains-6x": {"cls": 3.0, "box": 9.0, "feat": 6.0, "temperature": 2.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "gains-10x": {"cls": 5.0, "box": 15.0, "feat": 10.0, "temperature": 2.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "gains-3x-fit": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 4, "layers": 0.0},
+    "gains-3x-T1": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 1.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "gains-3x-T4": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 4.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "gains-3x-det0.5": {"det": 0.5, "cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 0, "layers": 0.0},
+    "gains-3x-layers1": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 0, "layers": 1.0},
+    "gains-3x-layers3": {"cls": 1.5, "box": 4.5, "feat": 3.0, "temperature": 2.0, "adapter_fit_batches": 0, "layers": 3.0},
 }
 
 
@@ -124,6 +127,8 @@ def run(args: argparse.Namespace) -> dict:
                               "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
         t0 = time.perf_counter()
         out = args.out / f"{name}_{args.macs_ratio}_e{args.epochs}"
+        if name == "distill" and distill_cfg.layers:  # runs with other defaults stay where they were
+            out = out.with_name(out.name + f"_layers{distill_cfg.layers:g}")
         if name == "plain":
             result = train(model, train_ds, val_ds, ft_cfg, out_dir=out, resume=True)
             adapters: list[str] = []
@@ -195,9 +200,9 @@ def render_sweep(payload: dict) -> str:
         f"{payload['val_images']}-image **val** split (the test split is not used to choose). Baseline (teacher): "
         f"{base:.4f}; fine-tuned without distillation: {plain:.4f}.",
         "",
-        "| weighting | det | cls | box | feat | T | adapters start | val mAP@.5 | share of the lost mAP recovered | "
-        "val mAP@[.5:.95] |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| weighting | det | cls | box | feat | T | layers | adapters start | val mAP@.5 | "
+        "share of the lost mAP recovered | val mAP@[.5:.95] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     best = max((k for k in rows if k not in ("baseline", "plain")), key=lambda k: rows[k]["val_map50"])
     for key, r in rows.items():
@@ -208,7 +213,7 @@ def render_sweep(payload: dict) -> str:
         name = f"**{key}**" if key == best else key
         start = f"least squares, {w['adapter_fit_batches']} batches" if w.get("adapter_fit_batches") else "random"
         lines.append(f"| {name} | {w.get('det', 1.0)} | {w['cls']} | {w['box']} | {w['feat']} | {w['temperature']} | "
-                     f"{start} | "
+                     f"{w.get('layers', 0.0)} | {start} | "
                      f"{r['val_map50']:.4f} | "
                      f"{share:.0%} | {r['val_map']:.4f} |")  # fmt: skip
     lines += ["", f"Chosen as `DistillConfig`'s defaults: {best} (the highest val mAP@.5)."]

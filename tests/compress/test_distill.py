@@ -95,9 +95,9 @@ def test_adapters_only_where_channels_differ_and_they_train():
     torch.manual_seed(123)
     torch.rand(7)
     with Distiller(student, t, DistillConfig()) as again:
-        assert all(torch.equal(v, again.state_dict()[k]) for k, v in d.state_dict().items())
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in d.state_dict().items() if torch.is_tensor(v))
     with Distiller(student, t, DistillConfig(seed=1)) as other:
-        assert not all(torch.equal(v, other.state_dict()[k]) for k, v in d.state_dict().items())
+        assert not all(torch.equal(v, other.state_dict()[k]) for k, v in d.state_dict().items() if torch.is_tensor(v))
     # no feature term: no adapters either
     with Distiller(student, t, DistillConfig(feat=0.0)) as d:
         assert len(d.adapters) == 0
@@ -141,6 +141,47 @@ def test_fitted_adapters_are_the_least_squares_map_and_beat_the_random_start():
         assert reported[key] == pytest.approx(fitted[key], rel=1e-3, abs=1e-6)
         assert fitted[key] < random_start[key]
         assert fitted[key] < 1.0  # better than predicting the teacher's mean feature
+
+
+def test_layer_imitation_matches_pruned_channels_and_survives_a_resume():
+    from slimdet.compress.distill import matched_channels
+
+    t = teacher()
+    student = copy.deepcopy(t)
+    prune(student, PruneConfig(ratio=0.5, importance="l1"), calib=[(images(), TARGETS)], progress=False)
+    found = matched_channels(student, t)
+    bns = {n: m for n, m in student.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert set(found) == set(bns)  # every batch norm of a pruned copy is a channel subset of the teacher's
+    narrowed = [n for n, idx in found.items() if len(idx) < t.get_submodule(n).num_features]
+    assert narrowed
+    for name, index in found.items():
+        assert torch.equal(bns[name].weight, t.get_submodule(name).weight[index])
+        assert torch.equal(bns[name].running_var, t.get_submodule(name).running_var[index])
+    assert matched_channels(student, teacher(seed=5)) == {}  # an unrelated teacher matches nothing
+
+    same = copy.deepcopy(t).eval()
+    with Distiller(same, t, DistillConfig(layers=1.0)) as d:
+        _, parts = d(same, images(), TARGETS)
+    assert parts["kd_layers"] < 1e-8  # the teacher's own copy imitates it exactly
+
+    student.train()
+    with Distiller(student, t, DistillConfig(layers=1.0)) as d:
+        loss, parts = d(student, images(), TARGETS)
+        assert parts["kd_layers"] > 1e-3
+        loss.backward()
+        saved = copy.deepcopy(d.state_dict())
+    with torch.no_grad():  # training moves the student's batch norms: a new map would find nothing ...
+        for m in bns.values():
+            m.weight.mul_(1.1)
+    with Distiller(student, t, DistillConfig(layers=1.0)) as resumed:
+        assert resumed.layer_map == {}
+        resumed.load_state_dict(saved)  # ... so a resumed run takes the map it started with
+        assert {n: i.tolist() for n, i in resumed.layer_map.items()} == {n: i.tolist() for n, i in found.items()}
+        _, parts = resumed(student, images(), TARGETS)
+        assert parts["kd_layers"] > 0
+    with Distiller(student, t, DistillConfig()) as off:
+        _, parts = off(student, images(), TARGETS)
+        assert off.layer_map == {} and "kd_layers" not in parts
 
 
 def test_quantized_student_distills_and_its_step_sizes_get_gradients():
