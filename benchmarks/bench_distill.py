@@ -251,8 +251,9 @@ def render(payload: dict) -> str:
         f"{payload['macs_ratio']:.0%} of its MACs (bench_prune's slimdet settings: Taylor importance, sensitivity "
         f"allocation, round to 8), then fine-tuned for {payload['epochs']} epochs twice with the same settings and data "
         "order (AdamW lr 1e-3, cosine, EMA, warm-up 0.3 epochs, seed 0): on the detection loss alone, and with "
-        f"distillation from the baseline (default weights: det {d['det']}, cls {d['cls']}, box {d['box']}, feat "
-        f"{d['feat']}, temperature {d['temperature']}). mAP on the {payload['test_images']:,}-image test split.",
+        f"distillation from the baseline (the defaults then: det {d['det']}, cls {d['cls']}, box {d['box']}, feat "
+        f"{d['feat']}, layers {d.get('layers', 0.0):g}, temperature {d['temperature']}). mAP on the "
+        f"{payload['test_images']:,}-image test split.",
         "",
         "| model | params | MACs | test mAP@.5 | Δ vs baseline (points) | mAP@[.5:.95] | fine-tuning time |",
         "|---|---|---|---|---|---|---|",
