@@ -56,7 +56,7 @@ def _wait_for_partner(marker: Path, trial: int) -> tuple[int, int, float]:
     """Trial 0 finishes only after trial 1 (it waits for trial 1's file): results come back out of order."""
     if trial == 1:
         marker.touch()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a cold Ray worker on a loaded machine can take a while to start
     while trial == 0 and not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     return trial, torch.get_num_threads(), float(torch.rand(()))
