@@ -19,6 +19,7 @@ when the script is run again after an interruption.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -127,8 +128,9 @@ def run(args: argparse.Namespace) -> dict:
                               "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
         t0 = time.perf_counter()
         out = args.out / f"{name}_{args.macs_ratio}_e{args.epochs}"
-        if name == "distill" and distill_cfg.layers:  # runs with other defaults stay where they were
-            out = out.with_name(out.name + f"_layers{distill_cfg.layers:g}")
+        if name == "distill":  # one folder per distillation setting: a run with other defaults is never resumed
+            key = hashlib.sha1(json.dumps(distill_cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+            out = out.with_name(f"{out.name}_{key[:8]}")
         if name == "plain":
             result = train(model, train_ds, val_ds, ft_cfg, out_dir=out, resume=True)
             adapters: list[str] = []

@@ -119,20 +119,19 @@ class Distiller(nn.Module):
                     if cs != ct:  # a 1x1 conv from the student's width to the teacher's
                         self.adapters[str(level)] = nn.Conv2d(cs, ct, 1)
         self._models = (student, teacher)
-        self._layer_outputs: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
-        self._layer_hooks: list[Any] = []
         #: layer name -> the teacher channel of each of the student's channels (``layers`` > 0)
         self.layer_map: dict[str, Tensor] = matched_channels(student, teacher) if cfg.layers > 0 else {}
-        self._hook_layers()
+        self._tap_layers()
 
     def forward(self, student: Detector, images: Tensor, targets: list[Target]) -> tuple[Tensor, dict[str, float]]:
         """Total loss and its named parts: the detection parts, ``det``, ``kd_cls``, ``kd_box``, ``kd_feat``."""
         cfg = self.cfg
         teacher = self.teacher[0]
         want_feat = cfg.feat > 0
-        with torch.no_grad(), self._teacher_taps.capture(want_feat):
+        want_layers = bool(self.layer_map)
+        with torch.no_grad(), self._teacher_taps.capture(want_feat), self._teacher_layers.capture(want_layers):
             t_raw = teacher(images)
-        with self._student_taps.capture(want_feat):
+        with self._student_taps.capture(want_feat), self._student_layers.capture(want_layers):
             s_raw = student(images)
         det, parts = student.loss(s_raw, targets)
         s_box, s_cls, points, strides = student.split_raw(s_raw)
@@ -158,10 +157,10 @@ class Distiller(nn.Module):
                 kd_feat = kd_feat + feature_loss(adapter(sf) if adapter is not None else sf, tf, mask,
                                                  fg_share=cfg.feat_fg_share)  # fmt: skip
             kd_feat = kd_feat / len(s_feats)
-        kd_layers = self._layer_loss() if self.layer_map else zero
+        kd_layers = self._layer_loss() if want_layers else zero
         total = cfg.det * det + cfg.cls * kd_cls + cfg.box * kd_box + cfg.feat * kd_feat + cfg.layers * kd_layers
         kd = {"kd_cls": kd_cls.item(), "kd_box": kd_box.item(), "kd_feat": kd_feat.item()}
-        if self.layer_map:
+        if want_layers:
             kd["kd_layers"] = kd_layers.item()
         parts = {**parts, "det": det.item(), **kd}
         return total, parts
@@ -169,25 +168,21 @@ class Distiller(nn.Module):
     def _layer_loss(self) -> Tensor:
         """Mean over the matched layers of the squared error to the teacher's channels, per channel relative to
         the teacher's variance in the batch (so that every layer weighs alike whatever its scale)."""
-        s_out, t_out = self._layer_outputs
         losses = []
-        for name, index in self.layer_map.items():
-            s, t = s_out[name], t_out[name].detach()[:, index]
+        for s, t, index in zip(self._student_layers.features, self._teacher_layers.features,
+                               self.layer_map.values(), strict=True):  # fmt: skip
+            t = t.detach()[:, index]
             var = t.var(dim=(0, 2, 3), keepdim=True) + 1e-4
             losses.append(((s - t).pow(2) / var).mean())
-        s_out.clear()
-        t_out.clear()
         return torch.stack(losses).mean()
 
-    def _hook_layers(self) -> None:
-        for h in self._layer_hooks:
-            h.remove()
-        self._layer_hooks = []
-        for model, store in zip(self._models, self._layer_outputs, strict=True):
-            modules = dict(model.named_modules())
-            for name in self.layer_map:
-                keep = (lambda _m, _a, out, name=name, store=store: store.__setitem__(name, out))
-                self._layer_hooks.append(modules[name].register_forward_hook(keep))
+    def _tap_layers(self) -> None:
+        """Output taps on the layers of ``layer_map`` (replacing earlier ones) in the student and the teacher."""
+        for taps in (getattr(self, "_student_layers", None), getattr(self, "_teacher_layers", None)):
+            if taps is not None:
+                taps.close()
+        names = list(self.layer_map)
+        self._student_layers, self._teacher_layers = (_Taps(m, names, outputs=True) for m in self._models)
 
     def get_extra_state(self) -> dict[str, Any]:
         """The channel map goes into checkpoints: after training the student's batch norms no longer match the
@@ -201,7 +196,7 @@ class Distiller(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.layer_map = {name: torch.tensor(index, dtype=torch.long) for name, index in state["layer_map"].items()}
-        self._hook_layers()
+        self._tap_layers()
 
     def prepare(self, student: Detector, loader: Any) -> None:
         """Called by :func:`slimdet.train.train` before the first step of a new run: fits the adapters on
@@ -266,11 +261,8 @@ class Distiller(nn.Module):
 
     def close(self) -> None:
         """Remove the feature hooks from the student and the teacher."""
-        self._student_taps.close()
-        self._teacher_taps.close()
-        for h in self._layer_hooks:
-            h.remove()
-        self._layer_hooks = []
+        for taps in (self._student_taps, self._teacher_taps, self._student_layers, self._teacher_layers):
+            taps.close()
 
     def __enter__(self) -> Distiller:
         return self
@@ -416,10 +408,11 @@ def _assigned_weight(
 
 
 class _Taps:
-    """Forward pre-hooks that keep the inputs of a detector's ``feature_layers()`` while capturing."""
+    """Forward hooks that keep, while capturing, the inputs of a detector's ``feature_layers()`` (or of the
+    layers ``names``), or with ``outputs`` their outputs; ``features`` lists them in the order of the names."""
 
-    def __init__(self, model: Detector) -> None:
-        names = model.feature_layers()
+    def __init__(self, model: Detector, names: list[str] | None = None, *, outputs: bool = False) -> None:
+        names = model.feature_layers() if names is None else names
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
@@ -428,12 +421,13 @@ class _Taps:
         self.features: list[Tensor] = []
         self._on = False
         self._slots: dict[str, Tensor] = {}
-        self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]
+        self._handles = [modules[n].register_forward_hook(self._hook(n, outputs)) if outputs
+                         else modules[n].register_forward_pre_hook(self._hook(n, outputs)) for n in names]  # fmt: skip
 
-    def _hook(self, name: str) -> Any:
-        def keep(_module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _hook(self, name: str, outputs: bool) -> Any:
+        def keep(_module: nn.Module, args: tuple[Any, ...], *out: Any) -> None:
             if self._on:
-                self._slots[name] = args[0]
+                self._slots[name] = out[0] if outputs else args[0]
 
         return keep
 
