@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -132,3 +133,49 @@ def test_distilled_training_logs_kd_terms_trains_adapters_and_resumes_exactly(da
     train(plain, train_ds, val_ds, CFG.model_copy(update={"epochs": 1}), out_dir=tmp_path / "plain", progress=False)
     with _distiller(student()) as d, pytest.raises(CheckpointError, match="started without distillation"):
         train(student(), train_ds, val_ds, CFG, out_dir=tmp_path / "plain", resume=True, progress=False, distiller=d)
+
+
+def test_reconstruction_runs_once_at_the_start_of_a_distilled_run_and_not_on_resume(data, tmp_path):
+    from slimdet.compress import PruneConfig, prune
+    from slimdet.compress.distill import DistillConfig, Distiller
+
+    train_ds, val_ds = data
+    teacher = _model()
+    with torch.no_grad():  # distinct batch-norm parameters, as in a trained model, so pruned channels can be matched
+        g = torch.Generator().manual_seed(1)
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t in (m.weight, m.bias, m.running_mean, m.running_var):
+                    t.copy_(t + 0.1 * torch.rand(t.shape, generator=g))
+    teacher.eval()
+
+    def student():
+        model = copy.deepcopy(teacher).train().requires_grad_(True)  # the distiller froze the teacher's
+        prune(model, PruneConfig(ratio=0.5, importance="l1"), calib=[train_ds[0][0][None], [train_ds[0][1]]],
+              progress=False)  # fmt: skip
+        return model
+
+    pruned = {k: v.clone() for k, v in student().state_dict().items()}
+    cfg = DistillConfig(reconstruct_batches=2)
+    full = student()
+    with Distiller(full, teacher, cfg) as d:
+        train(full, train_ds, val_ds, CFG, out_dir=tmp_path / "full", progress=False, distiller=d)
+        assert d.reconstruction and any(before > after for before, after in d.reconstruction.values())
+    crashed = student()
+    with Distiller(crashed, teacher, cfg) as d, pytest.raises(Interrupt):
+        # the refit reads 2 batches, epoch 1 reads its own: the crash comes in epoch 2, after last.pt
+        train(crashed, Crashing(train_ds, (2 + CFG.max_steps_per_epoch) * CFG.batch_size + 3), val_ds, CFG,
+              out_dir=tmp_path / "cut", progress=False, distiller=d)  # fmt: skip
+    resumed = student()
+    with Distiller(resumed, teacher, cfg) as d:
+        train(resumed, train_ds, val_ds, CFG, out_dir=tmp_path / "cut", resume=True, progress=False, distiller=d)
+        assert d.reconstruction == {}  # the refit weights came from last.pt: refitting them again would differ
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    # without it (the same run otherwise) the weights end elsewhere: the refit changed the start
+    off = student()
+    with Distiller(off, teacher, cfg.model_copy(update={"reconstruct_batches": 0})) as d:
+        train(off, train_ds, val_ds, CFG, out_dir=tmp_path / "off", progress=False, distiller=d)
+    ends = zip(off.state_dict().values(), full.state_dict().values(), strict=True)
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in ends)
+    assert any(not torch.equal(pruned[k], v) for k, v in full.state_dict().items())

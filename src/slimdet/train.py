@@ -170,7 +170,8 @@ def train(
                 start_epoch = int(state["train_state"]["epoch"]) + 1
                 best_map, best_epoch = float(state["train_state"]["best_map"]), int(state["train_state"]["best_epoch"])
             if state is None and distiller is not None and hasattr(distiller, "prepare"):
-                distiller.prepare(model, loader)  # e.g. fit feature adapters; before DDP copies rank 0's to all
+                # e.g. refit a pruned student or fit feature adapters; before DDP copies rank 0's to all
+                distiller.prepare(model, loader, progress=progress)
             batch_loss: nn.Module = BatchLoss(model, distiller)
             if ctx is not None:
                 batch_loss = distributed.wrap_ddp(batch_loss, ctx)

@@ -12,6 +12,7 @@ from slimdet.compress import PruneConfig, QuantConfig, prune, quantize
 from slimdet.compress.distill import (
     DistillConfig,
     Distiller,
+    _Taps,
     box_distill_loss,
     cls_distill_loss,
     feature_loss,
@@ -281,3 +282,77 @@ def test_decomposed_student_is_tapped_at_its_first_factor_and_needs_no_adapter()
     assert torch.isfinite(loss) and parts["kd_feat"] > 0
     first = student.get_submodule("heads.0.box.0.0.0").weight
     assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_teacher_assignment_uses_the_teachers_predictions_for_the_detection_targets():
+    t = teacher()
+    torch.manual_seed(1)
+    student = create_model("yolo-test", num_classes=3, input_size=SIZE).eval()
+    x = images()
+    raw = student(x)
+    own, _ = student.loss(raw, TARGETS)
+    box, cls, points, strides = student.split_raw(raw)
+    from slimdet.models.yolo_loss import decode_distances
+
+    # assigning with the student's own predictions is the plain detection loss
+    same, _ = student.loss(raw, TARGETS, assign_from=(cls.sigmoid(), decode_distances(box, points, strides)))
+    assert same.item() == pytest.approx(own.item(), rel=1e-6)
+    t_box, t_cls, _, _ = t.split_raw(t(x))
+    by_teacher, _ = student.loss(raw, TARGETS, assign_from=(t_cls.sigmoid(), decode_distances(t_box, points, strides)))
+    with Distiller(student, t, DistillConfig(assign="teacher", cls=0, box=0, feat=0, layers=0)) as d:
+        loss, parts = d(student, x, TARGETS)
+    assert parts["det"] == pytest.approx(by_teacher.item(), rel=1e-6)
+    # the teacher's assignment differs from the student's (float noise would be ~1e-7)
+    assert abs(by_teacher.item() - own.item()) > 1e-4 * own.item()
+    with pytest.raises(ValidationError):
+        DistillConfig(assign="nobody")
+
+
+def test_reconstruction_refits_pruned_convs_to_the_teachers_outputs():
+    t = teacher()
+    student = copy.deepcopy(t)
+    prune(student, PruneConfig(ratio=0.5, importance="l1"), calib=[(images(), TARGETS)], progress=False)
+    batches = [(images(seed), TARGETS) for seed in (11, 12, 13)]
+
+    def residuals(d: Distiller) -> dict[str, float]:
+        """Measured after the fact at the batch norms' inputs (the convs' outputs z) in eval mode: the fitted shift
+        c went into the running mean (teacher's mean - student's), so the error is ||z + c - z_t[kept]||^2,
+        relative to the teacher's variance."""
+        names = list(d.reconstruction)
+        s_taps, t_taps = (_Taps(m, names) for m in (student, t))
+        err = dict.fromkeys(names, 0.0)
+        sq, tot, n = (dict.fromkeys(names, 0.0) for _ in range(3))
+        with torch.no_grad():
+            for x, _ in batches:
+                with s_taps.capture(True), t_taps.capture(True):
+                    student(x), t(x)
+                for i, name in enumerate(names):
+                    index = d.layer_map[name]
+                    shift = t.get_submodule(name).running_mean[index] - student.get_submodule(name).running_mean
+                    zt = t_taps.features[i][:, index].double()
+                    e = s_taps.features[i].double() + shift.double()[None, :, None, None] - zt
+                    err[name] += float(e.pow(2).sum())
+                    sq[name] += zt.pow(2).sum(dim=(0, 2, 3))
+                    tot[name] += zt.sum(dim=(0, 2, 3))
+                    n[name] += zt.shape[0] * zt.shape[2] * zt.shape[3]
+        s_taps.close()
+        t_taps.close()
+        return {k: err[k] / float((sq[k] - tot[k].pow(2) / n[k]).sum()) for k in names}
+
+    student.eval()
+    with Distiller(student, t, DistillConfig(reconstruct_batches=3)) as d:
+        d.prepare(student, iter(batches))
+        assert set(d.reconstruction) == set(d.layer_map)  # every layer of yolo-test is conv -> batch norm
+        measured = residuals(d)
+    narrowed_inputs = [k for k, (before, after) in d.reconstruction.items() if before > 1e-6]
+    assert narrowed_inputs
+    for name, (before, after) in d.reconstruction.items():
+        assert after <= before
+        assert measured[name] == pytest.approx(after, rel=1e-3, abs=1e-6)  # the merge computes what was fitted
+    assert sum(a for _, a in d.reconstruction.values()) < 0.8 * sum(b for b, _ in d.reconstruction.values())
+
+    same = copy.deepcopy(t).train()  # nothing to reconstruct in the teacher's own copy: its state stays as it is
+    with Distiller(same, t, DistillConfig(reconstruct_batches=3)) as d:
+        d.prepare(same, iter(batches))
+        assert max(b for b, _ in d.reconstruction.values()) < 1e-10
+    assert all(torch.equal(v, t.state_dict()[k]) for k, v in same.state_dict().items())

@@ -27,6 +27,16 @@ The student's loss is a weighted sum, every weight in :class:`DistillConfig`:
   removed faster than the losses at the outputs alone (the layer-wise reconstruction of ThiNet,
   Luo et al., ICCV 2017, and channel pruning, He et al., ICCV 2017, here as a training loss).
 
+Before the first step (``reconstruct_batches``, :meth:`Distiller.reconstruct`), a pruned student is first
+brought close to the teacher in closed form: layer by layer from the input, each conv's output is mapped onto
+the teacher's conv output on the kept channels by a least-squares 1x1 map fitted on a few batches, which is then
+merged into the conv (few-sample knowledge distillation, Li et al., CVPR 2020). Pruning leaves the kept
+channels' weights as they were while their inputs lost channels; the refit re-solves for what the removed
+inputs carried, so fine-tuning starts near the teacher rather than from the broken pruned model.
+
+The detection loss can assign its targets with the teacher's predictions instead of the student's
+(``assign``), so a student that still predicts poorly learns toward the teacher's stable positives.
+
 All distillation terms are exactly zero when the student computes what the teacher
 computes. The teacher runs in eval mode without gradients; the adapters train with the student
 (their parameters are :meth:`Distiller.parameters`) and are dropped afterwards: the student's
@@ -37,12 +47,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from slimdet.distributed import loss_normalizer
 from slimdet.errors import ConfigError
@@ -91,6 +102,16 @@ class DistillConfig(BaseModel):
     #: pulled toward the teacher's matching channels. On digits-det's val split (pruned yolo-s, 2 epochs,
     #: ``bench_distill.py --sweep``) weight 1 gave mAP@.5 0.9567 and 3 gave 0.9565, against 0.9557 without
     layers: float = Field(1.0, ge=0)
+    #: whose predictions the student's detection loss assigns its targets with: ``student`` (its own, as
+    #: without distillation) or ``teacher`` (the teacher's scores and boxes pick the positive anchors and set
+    #: the soft class targets, so a student that still predicts poorly gets the teacher's stable assignment).
+    #: On digits-det's val split (pruned yolo-s, 2 epochs) ``teacher`` gave mAP@.5 0.9564 against 0.9567
+    assign: Literal["student", "teacher"] = "student"
+    #: batches of training images on which, before the first step, each conv of a pruned student is refitted
+    #: in closed form so that its output matches the teacher's on the kept channels (few-sample distillation:
+    #: a least-squares 1x1 map merged into the conv, layer by layer from the input); 0: off. Chosen on
+    #: digits-det's val split (pruned yolo-s, 2 epochs, ``bench_distill.py --sweep``, "layers1-recon4")
+    reconstruct_batches: int = Field(4, ge=0)
 
 
 class Distiller(nn.Module):
@@ -111,6 +132,8 @@ class Distiller(nn.Module):
         self.adapters = nn.ModuleDict()
         #: per level, the relative residual of the least-squares adapter start (set by :meth:`prepare`)
         self.adapter_fit: dict[str, float] = {}
+        #: per layer, the relative residual to the teacher before and after :meth:`reconstruct` (by :meth:`prepare`)
+        self.reconstruction: dict[str, tuple[float, float]] = {}
         if cfg.feat > 0:
             s_ch, t_ch = _feature_channels(student, self._student_taps), _feature_channels(teacher, self._teacher_taps)
             with torch.random.fork_rng(devices=[]):  # the same adapters whatever ran before: reproducible runs
@@ -133,7 +156,6 @@ class Distiller(nn.Module):
             t_raw = teacher(images)
         with self._student_taps.capture(want_feat), self._student_layers.capture(want_layers):
             s_raw = student(images)
-        det, parts = student.loss(s_raw, targets)
         s_box, s_cls, points, strides = student.split_raw(s_raw)
         t_box, t_cls, _, _ = teacher.split_raw(t_raw)
         if s_cls.shape != t_cls.shape or s_box.shape != t_box.shape:
@@ -141,6 +163,10 @@ class Distiller(nn.Module):
                 f"distillation: the student's outputs {tuple(s_cls.shape)} / {tuple(s_box.shape)} differ from the "
                 f"teacher's {tuple(t_cls.shape)} / {tuple(t_box.shape)} (classes, anchors or box bins)"
             )
+        assign_from = None
+        if cfg.assign == "teacher":
+            assign_from = (t_cls.sigmoid(), decode_distances(t_box, points, strides))
+        det, parts = student.loss(s_raw, targets, assign_from=assign_from)
         zero = det.new_zeros(())
         kd_cls = cls_distill_loss(s_cls, t_cls, cfg.temperature) if cfg.cls > 0 else zero
         kd_box = zero
@@ -198,11 +224,79 @@ class Distiller(nn.Module):
         self.layer_map = {name: torch.tensor(index, dtype=torch.long) for name, index in state["layer_map"].items()}
         self._tap_layers()
 
-    def prepare(self, student: Detector, loader: Any) -> None:
-        """Called by :func:`slimdet.train.train` before the first step of a new run: fits the adapters on
-        the first ``adapter_fit_batches`` batches of ``loader`` (the residuals go to ``self.adapter_fit``)."""
+    def prepare(self, student: Detector, loader: Any, *, progress: bool = True) -> None:
+        """Called by :func:`slimdet.train.train` before the first step of a new run: refits the student's convs
+        on the first ``reconstruct_batches`` batches of ``loader`` (relative residuals before and after go to
+        ``self.reconstruction``), then fits the adapters on the first ``adapter_fit_batches`` batches (the
+        residuals go to ``self.adapter_fit``)."""
+        if self.layer_map and self.cfg.reconstruct_batches:
+            batches = list(itertools.islice(loader, self.cfg.reconstruct_batches))
+            self.reconstruction = self.reconstruct(student, batches, progress=progress)
         if self.adapters and self.cfg.adapter_fit_batches:
             self.adapter_fit = self.fit_adapters(student, itertools.islice(loader, self.cfg.adapter_fit_batches))
+
+    @torch.no_grad()
+    def reconstruct(
+        self, student: Detector, batches: list[Any], *, ridge: float = 1e-3, progress: bool = True
+    ) -> dict[str, tuple[float, float]]:
+        """Refit each conv of a pruned student, in forward order, so that its output matches the teacher's
+        conv output on the channels it kept (few-sample knowledge distillation, Li et al., CVPR 2020).
+
+        For every layer of :attr:`layer_map` whose batch norm follows a plain (ungrouped) conv, over every cell
+        of ``batches`` ((images, targets) pairs; both models in eval mode) solve the ridge-regularised least
+        squares ``min ||Q z_s + c - z_t||^2`` for a ``C x C`` matrix ``Q`` and shift ``c``, where ``z_s`` is the
+        student's conv output (its inputs already carry the refits of the layers before it) and ``z_t`` the
+        teacher's on the matching channels; then merge it: the conv's weight becomes ``Q W`` and the batch
+        norm's running mean ``mean - c``. Returns per layer the relative residual
+        ``||z - z_t||^2 / ||z_t - mean z_t||^2`` before and after (Q = I, c = 0 is always a candidate, so after
+        is at most before, up to the ridge term).
+        """
+        teacher = self.teacher[0]
+        modules = dict(student.named_modules())
+        layers = {name: conv for name in self.layer_map if (conv := _conv_before(modules, name)) is not None}
+        if not layers or not batches:
+            return {}
+        was_training = student.training
+        student.eval()  # also for the order pass: a training-mode forward would move the batch-norm statistics
+        names = _forward_order(student, list(layers), batches[0][0][:1])
+        t_taps, s_taps = _Taps(teacher, names), _Taps(student, names)  # batch-norm inputs: the convs' outputs
+        out: dict[str, tuple[float, float]] = {}
+        try:
+            targets = []
+            for images, _ in batches:
+                with t_taps.capture(True):
+                    teacher(images)
+                targets.append(t_taps.features)
+            for i, name in enumerate(tqdm(names, desc="reconstruct", unit="layer", disable=not progress)):
+                index = self.layer_map[name]
+                gram, cross, t_sq, t_sum, cells = 0, 0, 0, 0, 0
+                s_sq = 0
+                for b, (images, _) in enumerate(batches):
+                    with s_taps.capture(True):
+                        student(images)
+                    zs, zt = _cells(s_taps.features[i]), _cells(targets[b][i][:, index])
+                    s1 = torch.cat([zs, zs.new_ones(len(zs), 1)], 1)
+                    gram, cross = gram + s1.T @ s1, cross + s1.T @ zt
+                    t_sq, t_sum, cells = t_sq + zt.pow(2).sum(0), t_sum + zt.sum(0), cells + len(zt)
+                    s_sq = s_sq + (zs - zt).pow(2).sum()
+                c = gram.shape[0] - 1
+                reg = torch.zeros_like(gram)
+                reg.diagonal()[:c] = ridge * gram.diagonal()[:c].sum() / c
+                x = torch.linalg.solve(gram + reg, cross)  # (C + 1) x C: Q^T and the shift
+                var = (t_sq - t_sum.pow(2) / cells).sum().clamp(min=1e-12)
+                err = (t_sq - 2 * (x * cross).sum(0) + (x * (gram @ x)).sum(0)).sum()
+                before, after = float(s_sq / var), float(err / var)
+                if after < before:  # merge Q into the conv and the shift into the batch norm's running mean
+                    conv, bn = layers[name], modules[name]
+                    q = x[:c].T.to(conv.weight.dtype)
+                    conv.weight.copy_((q @ conv.weight.flatten(1)).view_as(conv.weight))
+                    bn.running_mean.sub_(x[c].to(bn.running_mean.dtype))
+                out[name] = (before, min(after, before))
+        finally:
+            t_taps.close()
+            s_taps.close()
+            student.train(was_training)
+        return out
 
     @torch.no_grad()
     def fit_adapters(self, student: Detector, batches: Any, *, ridge: float = 1e-3) -> dict[str, float]:
@@ -366,6 +460,33 @@ def feature_loss(s_feat: Tensor, t_feat: Tensor, fg: Tensor, *, fg_share: float)
     share = fg_share * has_fg  # an image without objects gives all its weight to the background
     w = fgf * share / n_fg + (1 - fgf) * (1 - share) / n_bg
     return (err * w).sum() / err.shape[0]
+
+
+def _conv_before(modules: dict[str, nn.Module], bn_name: str) -> nn.Conv2d | None:
+    """The plain conv that feeds batch norm ``bn_name`` (its predecessor in the same ``nn.Sequential``), if any."""
+    parent_name, _, index = bn_name.rpartition(".")
+    parent = modules.get(parent_name)
+    if not isinstance(parent, nn.Sequential) or not index.isdigit() or int(index) == 0:
+        return None
+    conv = parent[int(index) - 1]
+    bn = modules[bn_name]
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.bias is not None:
+        return None
+    return conv if isinstance(bn, nn.BatchNorm2d) and conv.out_channels == bn.num_features else None
+
+
+def _forward_order(model: nn.Module, names: list[str], images: Tensor) -> list[str]:
+    """``names`` sorted by when their modules run in a forward pass of ``images``."""
+    modules = dict(model.named_modules())
+    order: list[str] = []
+    handles = [modules[n].register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n in names]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    first = {n: i for i, n in reversed(list(enumerate(order)))}
+    return sorted(names, key=lambda n: first.get(n, len(order)))
 
 
 def _cells(feature: Tensor) -> Tensor:

@@ -224,9 +224,13 @@ class YoloDetector(Detector):
             out.append({"boxes": cand_boxes[keep], "scores": cand_scores[keep], "labels": labels[keep]})
         return out
 
-    def loss(self, raw: tuple[Tensor, ...], targets: list[Target]) -> tuple[Tensor, dict[str, float]]:
+    def loss(
+        self, raw: tuple[Tensor, ...], targets: list[Target], *, assign_from: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Detection loss; ``assign_from``: another model's class probabilities and boxes to assign targets with
+        (see :class:`~slimdet.models.yolo_loss.YoloLoss`)."""
         box_logits, cls_logits, points, strides = self.split_raw(raw)
-        return self.criterion(box_logits, cls_logits, points, strides, targets)
+        return self.criterion(box_logits, cls_logits, points, strides, targets, assign_from=assign_from)
 
 
 def _factory(name: str):
