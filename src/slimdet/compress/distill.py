@@ -258,43 +258,34 @@ class Distiller(nn.Module):
             return {}
         was_training = student.training
         student.eval()  # also for the order pass: a training-mode forward would move the batch-norm statistics
-        names = _forward_order(student, list(layers), batches[0][0][:1])
-        t_taps, s_taps = _Taps(teacher, names), _Taps(student, names)  # batch-norm inputs: the convs' outputs
         out: dict[str, tuple[float, float]] = {}
+        taps: list[_Taps] = []
         try:
+            names = _forward_order(student, list(layers), batches[0][0][:1])
+            t_taps, s_taps = _Taps(teacher, names), _Taps(student, names)  # batch-norm inputs: the convs' outputs
+            taps = [t_taps, s_taps]
             targets = []
             for images, _ in batches:
                 with t_taps.capture(True):
                     teacher(images)
                 targets.append(t_taps.features)
             for i, name in enumerate(tqdm(names, desc="reconstruct", unit="layer", disable=not progress)):
-                index = self.layer_map[name]
-                gram, cross, t_sq, t_sum, cells = 0, 0, 0, 0, 0
-                s_sq = 0
+                fit = _LeastSquares()
                 for b, (images, _) in enumerate(batches):
                     with s_taps.capture(True):
                         student(images)
-                    zs, zt = _cells(s_taps.features[i]), _cells(targets[b][i][:, index])
-                    s1 = torch.cat([zs, zs.new_ones(len(zs), 1)], 1)
-                    gram, cross = gram + s1.T @ s1, cross + s1.T @ zt
-                    t_sq, t_sum, cells = t_sq + zt.pow(2).sum(0), t_sum + zt.sum(0), cells + len(zt)
-                    s_sq = s_sq + (zs - zt).pow(2).sum()
-                c = gram.shape[0] - 1
-                reg = torch.zeros_like(gram)
-                reg.diagonal()[:c] = ridge * gram.diagonal()[:c].sum() / c
-                x = torch.linalg.solve(gram + reg, cross)  # (C + 1) x C: Q^T and the shift
-                var = (t_sq - t_sum.pow(2) / cells).sum().clamp(min=1e-12)
-                err = (t_sq - 2 * (x * cross).sum(0) + (x * (gram @ x)).sum(0)).sum()
-                before, after = float(s_sq / var), float(err / var)
+                    fit.add(s_taps.features[i], targets[b][i][:, self.layer_map[name]])
+                x, after = fit.solve(ridge)  # (C + 1) x C: Q^T and the shift
+                before = fit.identity_residual()
                 if after < before:  # merge Q into the conv and the shift into the batch norm's running mean
                     conv, bn = layers[name], modules[name]
-                    q = x[:c].T.to(conv.weight.dtype)
+                    q = x[:-1].T.to(conv.weight.dtype)
                     conv.weight.copy_((q @ conv.weight.flatten(1)).view_as(conv.weight))
-                    bn.running_mean.sub_(x[c].to(bn.running_mean.dtype))
+                    bn.running_mean.sub_(x[-1].to(bn.running_mean.dtype))
                 out[name] = (before, min(after, before))
         finally:
-            t_taps.close()
-            s_taps.close()
+            for tap in taps:
+                tap.close()
             student.train(was_training)
         return out
 
@@ -313,11 +304,7 @@ class Distiller(nn.Module):
             return {}
         teacher = self.teacher[0]
         levels = [int(k) for k in self.adapters]
-        gram: dict[int, Tensor] = {}
-        cross: dict[int, Tensor] = {}
-        t_sq: dict[int, Tensor] = {}  # per channel: sum of t^2, sum of t (for the residual's scale)
-        t_sum: dict[int, Tensor] = {}
-        cells: dict[int, int] = {}
+        fits = {level: _LeastSquares() for level in levels}
         was_training = student.training
         student.eval()
         try:
@@ -327,30 +314,15 @@ class Distiller(nn.Module):
                 with self._student_taps.capture(True):
                     student(images)
                 for level in levels:
-                    s = _cells(self._student_taps.features[level])
-                    t = _cells(self._teacher_taps.features[level])
-                    s1 = torch.cat([s, s.new_ones(len(s), 1)], 1)
-                    gram[level] = gram.get(level, 0) + s1.T @ s1
-                    cross[level] = cross.get(level, 0) + s1.T @ t
-                    t_sq[level] = t_sq.get(level, 0) + t.pow(2).sum(0)
-                    t_sum[level] = t_sum.get(level, 0) + t.sum(0)
-                    cells[level] = cells.get(level, 0) + len(t)
+                    fits[level].add(self._student_taps.features[level], self._teacher_taps.features[level])
         finally:
             student.train(was_training)
         residual = {}
         for level in levels:
-            g, c = gram[level], cross[level]
-            cs = g.shape[0] - 1
-            reg = torch.zeros_like(g)
-            reg.diagonal()[:cs] = ridge * g.diagonal()[:cs].sum() / cs  # no penalty on the bias
-            x = torch.linalg.solve(g + reg, c)  # (cs + 1) x ct
+            x, residual[str(level)] = fits[level].solve(ridge)  # (cs + 1) x ct
             adapter = self.adapters[str(level)]
-            adapter.weight.copy_(x[:cs].T[:, :, None, None])
-            adapter.bias.copy_(x[cs])
-            sq = t_sq[level]
-            err = (sq - 2 * (x * c).sum(0) + (x * (g @ x)).sum(0)).sum()  # sum ||W s + b - t||^2
-            var = (sq - t_sum[level].pow(2) / cells[level]).sum()
-            residual[str(level)] = float(err / var.clamp(min=1e-12))
+            adapter.weight.copy_(x[:-1].T[:, :, None, None])
+            adapter.bias.copy_(x[-1])
         return residual
 
     def close(self) -> None:
@@ -487,6 +459,45 @@ def _forward_order(model: nn.Module, names: list[str], images: Tensor) -> list[s
             h.remove()
     first = {n: i for i, n in reversed(list(enumerate(order)))}
     return sorted(names, key=lambda n: first.get(n, len(order)))
+
+
+class _LeastSquares:
+    """Normal equations of a 1x1 conv ``t ~ W s + b`` accumulated over the cells of feature batches (float64),
+    with what the residual's scale needs: per target channel the sums of ``t^2`` and ``t``."""
+
+    def __init__(self) -> None:
+        self.gram: Any = 0
+        self.cross: Any = 0
+        self.t_sq: Any = 0
+        self.t_sum: Any = 0
+        self.diff_sq: Any = 0  # sum of (s - t)^2, where the widths agree: the residual of the identity map
+        self.cells = 0
+
+    def add(self, s_feat: Tensor, t_feat: Tensor) -> None:
+        s, t = _cells(s_feat), _cells(t_feat)
+        s1 = torch.cat([s, s.new_ones(len(s), 1)], 1)
+        self.gram, self.cross = self.gram + s1.T @ s1, self.cross + s1.T @ t
+        self.t_sq, self.t_sum, self.cells = self.t_sq + t.pow(2).sum(0), self.t_sum + t.sum(0), self.cells + len(t)
+        if s.shape == t.shape:
+            self.diff_sq = self.diff_sq + (s - t).pow(2).sum()
+
+    def _variance(self) -> Tensor:
+        return (self.t_sq - self.t_sum.pow(2) / self.cells).sum().clamp(min=1e-12)
+
+    def solve(self, ridge: float) -> tuple[Tensor, float]:
+        """The ridge-regularised solution ``[W^T; b]`` (``(c_s + 1) x c_t``; the ridge is ``ridge`` times the mean
+        diagonal of ``S^T S``, none on the bias) and its relative residual ``||W s + b - t||^2 / ||t - mean t||^2``."""
+        g, c = self.gram, self.cross
+        cs = g.shape[0] - 1
+        reg = torch.zeros_like(g)
+        reg.diagonal()[:cs] = ridge * g.diagonal()[:cs].sum() / cs
+        x = torch.linalg.solve(g + reg, c)
+        err = (self.t_sq - 2 * (x * c).sum(0) + (x * (g @ x)).sum(0)).sum()
+        return x, float(err / self._variance())
+
+    def identity_residual(self) -> float:
+        """The relative residual of ``t ~ s`` (same widths)."""
+        return float(self.diff_sq / self._variance())
 
 
 def _cells(feature: Tensor) -> Tensor:
