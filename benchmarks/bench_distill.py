@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> dict:
     rows: dict[str, dict] = {}
     curves: dict[str, list] = {}
     seeds = args.only_seeds if args.only and args.only_seeds else list(range(args.seeds))
+    # one folder per distillation setting: a run with other defaults is never resumed
+    key = hashlib.sha1(json.dumps(distill_cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
     for name in (args.only,) if args.only else ("plain", "distill"):
         for seed in seeds:
             model, _ = load_model(pruned_path)
@@ -140,14 +142,16 @@ def run(args: argparse.Namespace) -> dict:
                 rows["pruned"] = {"test_map50": evaluate(model, test_ds, progress=False).map50,
                                   "macs": total_macs(model, model.example_inputs(1)),
                                   "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
-            if name == "distill" and distill_cfg.reconstruct_batches and "reconstructed" not in rows:
-                rows["reconstructed"] = reconstructed_map(model, baseline, distill_cfg, train_ds, test_ds, ft_cfg)
+            kept = args.out / f"reconstructed_{args.macs_ratio}_{key}.json"  # measured once per setting
+            if name == "distill" and distill_cfg.reconstruct_batches and not kept.is_file():
+                kept.write_text(json.dumps(reconstructed_map(model, baseline, distill_cfg, train_ds, test_ds, ft_cfg)))
+            if name == "distill" and kept.is_file():
+                rows["reconstructed"] = json.loads(kept.read_text())
             t0 = time.perf_counter()
             cfg = ft_cfg.model_copy(update={"seed": seed})
             out = args.out / f"{name}_{args.macs_ratio}_e{args.epochs}"
-            if name == "distill":  # one folder per distillation setting: a run with other defaults is never resumed
-                key = hashlib.sha1(json.dumps(distill_cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
-                out = out.with_name(f"{out.name}_{key[:8]}")
+            if name == "distill":
+                out = out.with_name(f"{out.name}_{key}")
             if seed:  # seed 0 keeps the folder names of the single-seed runs
                 out = out.with_name(f"{out.name}_s{seed}")
             if name == "plain":

@@ -292,13 +292,17 @@ def test_teacher_assignment_uses_the_teachers_predictions_for_the_detection_targ
     raw = student(x)
     own, _ = student.loss(raw, TARGETS)
     box, cls, points, strides = student.split_raw(raw)
-    from slimdet.models.yolo_loss import decode_distances
+    from slimdet.models.yolo_loss import decode_distances, pad_targets
 
-    # assigning with the student's own predictions is the plain detection loss
-    same, _ = student.loss(raw, TARGETS, assign_from=(cls.sigmoid(), decode_distances(box, points, strides)))
+    def assigned(scores: torch.Tensor, box_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gt = pad_targets(TARGETS, device=scores.device)
+        return student.criterion.assign(scores, decode_distances(box_logits, points, strides), points, *gt)
+
+    # targets assigned on the student's own predictions: the plain detection loss
+    same, _ = student.loss(raw, TARGETS, assigned=assigned(cls.sigmoid(), box))
     assert same.item() == pytest.approx(own.item(), rel=1e-6)
     t_box, t_cls, _, _ = t.split_raw(t(x))
-    by_teacher, _ = student.loss(raw, TARGETS, assign_from=(t_cls.sigmoid(), decode_distances(t_box, points, strides)))
+    by_teacher, _ = student.loss(raw, TARGETS, assigned=assigned(t_cls.sigmoid(), t_box))
     with Distiller(student, t, DistillConfig(assign="teacher", cls=0, box=0, feat=0, layers=0)) as d:
         loss, parts = d(student, x, TARGETS)
     assert parts["det"] == pytest.approx(by_teacher.item(), rel=1e-6)

@@ -163,16 +163,16 @@ class Distiller(nn.Module):
                 f"distillation: the student's outputs {tuple(s_cls.shape)} / {tuple(s_box.shape)} differ from the "
                 f"teacher's {tuple(t_cls.shape)} / {tuple(t_box.shape)} (classes, anchors or box bins)"
             )
-        assign_from = None
-        if cfg.assign == "teacher":
-            assign_from = (t_cls.sigmoid(), decode_distances(t_box, points, strides))
-        det, parts = student.loss(s_raw, targets, assign_from=assign_from)
+        # the ground truth assigned on the teacher's predictions: box distillation's weights, and with
+        # ``assign: teacher`` the detection loss's targets
+        by_teacher = _teacher_assignment(student, t_box, t_cls, points, strides, targets) \
+            if cfg.box > 0 or cfg.assign == "teacher" else None  # fmt: skip
+        det, parts = student.loss(s_raw, targets, assigned=by_teacher if cfg.assign == "teacher" else None)
         zero = det.new_zeros(())
         kd_cls = cls_distill_loss(s_cls, t_cls, cfg.temperature) if cfg.cls > 0 else zero
         kd_box = zero
-        if cfg.box > 0:
-            weight = _assigned_weight(student, t_box, t_cls, points, strides, targets)
-            kd_box = box_distill_loss(s_box, t_box, weight, cfg.temperature)
+        if by_teacher is not None and cfg.box > 0:
+            kd_box = box_distill_loss(s_box, t_box, by_teacher[2].sum(-1), cfg.temperature)
         kd_feat = zero
         if want_feat:
             sizes = [(r.shape[2], r.shape[3]) for r in s_raw]
@@ -525,15 +525,14 @@ def foreground_masks(
 
 
 @torch.no_grad()
-def _assigned_weight(
+def _teacher_assignment(
     student: YoloDetector, t_box: Tensor, t_cls: Tensor, points: Tensor, strides: Tensor, targets: list[Target]
-) -> Tensor:
-    """``B x A``: the task-aligned assigner's weights when it scores the teacher's predictions."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The task-aligned assigner's foreground mask, target boxes and soft class targets (``B x A x C``; summed
+    over classes: each anchor's alignment weight) when it scores the teacher's predictions."""
     boxes, labels, valid = pad_targets(targets, device=t_cls.device)
-    _, _, scores = student.criterion.assign(
-        t_cls.sigmoid(), decode_distances(t_box, points, strides), points, boxes, labels, valid
-    )
-    return scores.sum(-1)
+    return student.criterion.assign(t_cls.sigmoid(), decode_distances(t_box, points, strides), points, boxes,
+                                    labels, valid)  # fmt: skip
 
 
 # --- feature taps ------------------------------------------------------------------------------

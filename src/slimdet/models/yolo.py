@@ -225,12 +225,12 @@ class YoloDetector(Detector):
         return out
 
     def loss(
-        self, raw: tuple[Tensor, ...], targets: list[Target], *, assign_from: tuple[Tensor, Tensor] | None = None
+        self, raw: tuple[Tensor, ...], targets: list[Target], *, assigned: tuple[Tensor, Tensor, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        """Detection loss; ``assign_from``: another model's class probabilities and boxes to assign targets with
-        (see :class:`~slimdet.models.yolo_loss.YoloLoss`)."""
+        """Detection loss; ``assigned``: targets assigned elsewhere, e.g. on a teacher's predictions (see
+        :class:`~slimdet.models.yolo_loss.YoloLoss`)."""
         box_logits, cls_logits, points, strides = self.split_raw(raw)
-        return self.criterion(box_logits, cls_logits, points, strides, targets, assign_from=assign_from)
+        return self.criterion(box_logits, cls_logits, points, strides, targets, assigned=assigned)
 
 
 def _factory(name: str):

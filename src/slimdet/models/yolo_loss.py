@@ -70,17 +70,17 @@ class YoloLoss(nn.Module):
         strides: Tensor,
         targets: list[dict[str, Tensor]],
         *,
-        assign_from: tuple[Tensor, Tensor] | None = None,
+        assigned: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Loss of a batch. ``assign_from``: class scores (``B x A x C``, probabilities) and decoded boxes
-        (``B x A x 4``) of another model (a distillation teacher) to assign the targets with, instead of
-        these predictions."""
+        """Loss of a batch. ``assigned``: targets already assigned (what :meth:`assign` returns), e.g. from a
+        distillation teacher's predictions, instead of assigning them from these predictions."""
         b, a, c = cls_logits.shape
-        gt_boxes, gt_labels, gt_mask = pad_targets(targets, device=cls_logits.device)
         pred_boxes = decode_distances(box_logits, points, strides)
-        with torch.no_grad():
-            scores, boxes = (cls_logits.sigmoid(), pred_boxes) if assign_from is None else assign_from
-            fg, tgt_boxes, tgt_scores = self.assign(scores, boxes, points, gt_boxes, gt_labels, gt_mask)
+        if assigned is None:
+            gt_boxes, gt_labels, gt_mask = pad_targets(targets, device=cls_logits.device)
+            with torch.no_grad():
+                assigned = self.assign(cls_logits.sigmoid(), pred_boxes, points, gt_boxes, gt_labels, gt_mask)
+        fg, tgt_boxes, tgt_scores = assigned
         norm = loss_normalizer(tgt_scores.sum(), floor=1.0)  # the global batch's, under data-parallel training
         loss_cls = F.binary_cross_entropy_with_logits(cls_logits, tgt_scores, reduction="sum") / norm
         if fg.any():
