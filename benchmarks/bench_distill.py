@@ -1,13 +1,17 @@
 """Fine-tuning a pruned yolo-s with and without distillation from the original, side by side (issue 7).
 
-    .venv/bin/python benchmarks/bench_distill.py [--epochs 2] [--macs-ratio 0.3] [--threads 1] [--seeds 1]
+    .venv/bin/python benchmarks/bench_distill.py [--epochs 2] [--macs-ratio 0.3] [--threads 1] [--seeds 1] [--lr 1e-3]
     .venv/bin/python benchmarks/bench_distill.py --sweep     # how the default loss weights were chosen (val split)
+    .venv/bin/python benchmarks/bench_distill.py --lr-sweep --epochs 1   # how --lr was chosen (val split)
 
 The shipped baseline is pruned to ``--macs-ratio`` of its MACs with bench_prune's slimdet settings
 (Taylor importance, sensitivity allocation, channels rounded to 8, 128 calibration images), then
 the same pruned model is fine-tuned twice for ``--epochs`` epochs with the same settings (AdamW lr
-1e-3, cosine, EMA, warm-up 0.3 epochs, seed 0, the same data order): once on the detection loss
+``--lr``, cosine, EMA, warm-up 0.3 epochs, seed 0, the same data order): once on the detection loss
 alone, once with slimdet.compress.distill and its default weights, the baseline as the teacher.
+``--lr-sweep`` fine-tunes both contenders at every learning rate of LR_GRID and scores them on the val split;
+the shared learning rate is the one at which fine-tuning *without* distillation scores highest there (the
+baseline gets its best setting; results: distill_lr_e<epochs>.json).
 With ``--seeds N`` each contender is fine-tuned with seeds 0..N-1 (data order and augmentation) and the
 means are compared (results: distill_e<epochs>_s<N>.json); ``--only plain|distill --only-seeds 1,3`` trains
 some of them in another process first. Reports test-split mAP@.5 of the baseline, the pruned model before fine-tuning and both
@@ -31,6 +35,10 @@ from _common import RESULTS_DIR, ROOT, env_line, environment, write_json, write_
 
 BASELINE = ROOT / "src" / "slimdet" / "assets" / "yolo-s_digits-det.pt"
 TARGET_RECOVERED = 0.5
+#: ``--lr-sweep``: the learning rates both contenders are fine-tuned with on the val split
+LR_GRID = (3e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
+#: the learning rate of the runs before ``--lr`` existed (their folders and result files carry no lr in the name)
+OLD_LR = 1e-3
 #: ``--sweep``: the loss weightings compared on the val split (2 epochs) to choose DistillConfig's defaults
 OLD = {"assign": "student", "reconstruct_batches": 0}  # the settings before these two options existed
 SWEEP = {  # the first seven ran before adapters could be fitted by least squares (random start); all but the
@@ -64,6 +72,10 @@ def main() -> int:
     parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from results/distill.json")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: fine-tune 2 epochs with each weighting in SWEEP and compare on the val split")
+    parser.add_argument("--lr", type=float, default=OLD_LR,
+                        help="fine-tuning learning rate of both contenders (chosen by --lr-sweep: see RESULTS.md)")
+    parser.add_argument("--lr-sweep", action="store_true",
+                        help="instead: fine-tune both contenders --epochs epochs at every rate of LR_GRID, val split")
     parser.add_argument("--seeds", type=int, default=1,
                         help="fine-tune each contender with seeds 0..N-1 (data order, augmentation) and average")
     parser.add_argument("--only-seeds", type=lambda v: [int(x) for x in v.split(",")],
@@ -73,14 +85,26 @@ def main() -> int:
                              "without --only then finds both finished and writes the results)")  # fmt: skip
     args = parser.parse_args()
     name = "distill_sweep" if args.sweep else f"distill_e{args.epochs}" + (f"_s{args.seeds}" if args.seeds > 1 else "")
-    if args.render_only and args.sweep:
-        write_section(name, render_sweep(json.loads((RESULTS_DIR / f"{name}.json").read_text())))
+    name += lr_suffix(args.lr) if not args.sweep else ""
+    if args.lr_sweep:
+        name = f"distill_lr_e{args.epochs}"
+    if args.render_only and (args.sweep or args.lr_sweep):
+        renderer = render_sweep if args.sweep else render_lr_sweep
+        write_section(name, renderer(json.loads((RESULTS_DIR / f"{name}.json").read_text())))
         return 0
     if args.render_only:
         write_section(name, render(json.loads((RESULTS_DIR / f"{name}.json").read_text())))
         return 0
     torch.set_num_threads(args.threads)
     args.name = name
+    if args.lr_sweep:
+        payload = lr_sweep(args)
+        if args.only:
+            return 0
+        write_json(name, payload)
+        write_section(name, render_lr_sweep(payload))
+        print(render_lr_sweep(payload))
+        return 0
     if args.sweep:
         payload = sweep(args)
         write_json(name, payload)
@@ -127,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
         prune(model, prune_cfg, calib=calib, progress=True)
         print(f"pruned in {time.perf_counter() - t0:.0f} s")
         save_checkpoint(pruned_path, model_config=model.model_config, state_dict=model.state_dict())
-    ft_cfg = TrainConfig(epochs=args.epochs, lr=1e-3, warmup_epochs=0.3, eval_every=0, seed=0)
+    ft_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, warmup_epochs=0.3, eval_every=0, seed=0)
     distill_cfg = DistillConfig()
 
     rows: dict[str, dict] = {}
@@ -149,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
                 rows["reconstructed"] = json.loads(kept.read_text())
             t0 = time.perf_counter()
             cfg = ft_cfg.model_copy(update={"seed": seed})
-            out = args.out / f"{name}_{args.macs_ratio}_e{args.epochs}"
+            out = args.out / f"{name}_{args.macs_ratio}_e{args.epochs}{lr_suffix(args.lr)}"
             if name == "distill":
                 out = out.with_name(f"{out.name}_{key}")
             if seed:  # seed 0 keeps the folder names of the single-seed runs
@@ -188,10 +212,21 @@ def run(args: argparse.Namespace) -> dict:
     argv = f"benchmarks/bench_distill.py --epochs {args.epochs} --macs-ratio {args.macs_ratio} --threads {args.threads}"
     if args.seeds > 1:
         argv += f" --seeds {args.seeds}"
+    if args.lr != OLD_LR:
+        argv += f" --lr {args.lr:g}"
     return {"command": argv, "epochs": args.epochs, "seeds": seeds, "macs_ratio": args.macs_ratio, "test_images": len(test_ds),
             "prune": prune_cfg.model_dump(mode="json"), "finetune": ft_cfg.model_dump(mode="json"),
             "distill": distill_cfg.model_dump(mode="json"), "rows": rows, "loss_curves": curves,
             "environment": environment(threads=args.threads)}  # fmt: skip
+
+
+def epochs_text(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def lr_suffix(lr: float) -> str:
+    """``_lr<lr>`` in run folders and result names; none for the runs made before ``--lr`` existed."""
+    return "" if lr == OLD_LR else f"_lr{lr:g}"
 
 
 def reconstructed_map(model, teacher, distill_cfg, train_ds, test_ds, ft_cfg) -> dict:  # noqa: ANN001
@@ -253,6 +288,90 @@ def sweep(args: argparse.Namespace) -> dict:
             "finetune": cfg.model_dump(mode="json"), "environment": environment(threads=args.threads)}  # fmt: skip
 
 
+def lr_sweep(args: argparse.Namespace) -> dict:
+    """Val-split mAP of the pruned model fine-tuned ``--epochs`` epochs without and with distillation (the
+    defaults) at every learning rate of LR_GRID; the chosen rate is plain fine-tuning's best."""
+    from slimdet.compress.distill import DistillConfig, Distiller
+    from slimdet.data import load_dataset
+    from slimdet.evaluate import evaluate
+    from slimdet.models import load_model
+    from slimdet.train import TrainConfig, train
+
+    pruned_path = args.out / f"pruned_{args.macs_ratio}.pt"
+    if not pruned_path.is_file():
+        raise SystemExit(f"{pruned_path} missing: run the benchmark without --lr-sweep first (it prunes)")
+    baseline, _ = load_model(BASELINE)
+    baseline.eval()
+    train_ds = load_dataset("digits-det", "train", input_size=baseline.input_size, augment=True, cache_images=True)
+    val_ds = load_dataset("digits-det", "val", input_size=baseline.input_size)
+    distill_cfg = DistillConfig()
+    rows: dict[str, dict] = {"baseline": {"val_map50": evaluate(baseline, val_ds, progress=False).map50}}
+    for kind in (args.only,) if args.only else ("plain", "distill"):
+        for lr in LR_GRID:
+            cfg = TrainConfig(epochs=args.epochs, lr=lr, warmup_epochs=0.3, eval_every=0, seed=0)
+            out = args.out / "lr" / f"{kind}_e{args.epochs}_lr{lr:g}"
+            scored = out / "bench_val.json"  # the val mAP of the finished run, kept
+            if not scored.is_file():
+                model, _ = load_model(pruned_path)
+                try:
+                    if kind == "plain":
+                        train(model, train_ds, val_ds, cfg, out_dir=out, resume=True)
+                    else:
+                        with Distiller(model, baseline, distill_cfg) as distiller:
+                            train(model, train_ds, val_ds, cfg, out_dir=out, resume=True, distiller=distiller)
+                except FloatingPointError as exc:  # too high a rate: the loss became nan, kept as a result
+                    scored.write_text(json.dumps({"val_map50": None, "val_map": None, "diverged": str(exc)}))
+                else:
+                    res = evaluate(model.eval(), val_ds, progress=False)
+                    scored.write_text(json.dumps({"val_map50": res.map50, "val_map": res.map}))
+            rows.setdefault(f"{lr:g}", {"lr": lr})[kind] = json.loads(scored.read_text())
+            print(kind, f"lr {lr:g}", rows[f"{lr:g}"][kind], flush=True)
+    argv = f"benchmarks/bench_distill.py --lr-sweep --epochs {args.epochs} --macs-ratio {args.macs_ratio} " \
+           f"--threads {args.threads}"  # fmt: skip
+    return {"command": argv, "epochs": args.epochs, "macs_ratio": args.macs_ratio, "val_images": len(val_ds),
+            "grid": list(LR_GRID), "rows": rows, "distill": distill_cfg.model_dump(mode="json"),
+            "environment": environment(threads=args.threads)}  # fmt: skip
+
+
+def chosen_lr(payload: dict) -> float:
+    """The rate at which fine-tuning without distillation scores highest on the val split (the lower on a tie)."""
+    rates = [r for k, r in payload["rows"].items() if k != "baseline" and r["plain"]["val_map50"] is not None]
+    return max(sorted(rates, key=lambda r: r["lr"]), key=lambda r: r["plain"]["val_map50"])["lr"]
+
+
+def render_lr_sweep(payload: dict) -> str:
+    rows = payload["rows"]
+    base = rows["baseline"]["val_map50"]
+    best = chosen_lr(payload)
+    lines = [
+        f"## Distillation: choosing the fine-tuning learning rate on the val split ({epochs_text(payload['epochs'])}, "
+        "issue 7)",
+        "",
+        f"Command: `.venv/bin/python {payload['command']}`. The pruned model of the sections around (30% of the "
+        f"MACs) fine-tuned for {epochs_text(payload['epochs'])} (AdamW, cosine, EMA, warm-up 0.3 epochs, seed 0) at each "
+        "learning rate, without and with distillation (the default `DistillConfig`); mAP@.5 on the "
+        f"{payload['val_images']}-image **val** split. Baseline (teacher): {base:.4f}. The rate both contenders "
+        "then share on the test split is the one at which fine-tuning **without** distillation scores highest "
+        "(the comparison gives the baseline its best setting).",
+        "",
+        "| lr | without distillation | with distillation | share of the lost mAP recovered |",
+        "|---|---|---|---|",
+    ]
+    for key, r in rows.items():
+        if key == "baseline":
+            continue
+        plain, dist = r["plain"]["val_map50"], r["distill"]["val_map50"]
+        known = plain is not None and dist is not None
+        share = f"{(dist - plain) / (base - plain):.0%}" if known and base > plain else "n/a"
+        mark = "**" if r["lr"] == best else ""
+        cells = [f"{m:.4f}" if m is not None else "diverged (loss nan)" for m in (plain, dist)]
+        lines.append(f"| {mark}{key}{mark} | {cells[0]} | {cells[1]} | {share} |")
+    lines += ["", f"Chosen: lr {best:g} (`--lr {best:g}`).", "",
+              f"Environment: {env_line(payload['environment'])}. Raw numbers: "
+              f"`benchmarks/results/distill_lr_e{payload['epochs']}.json`."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def render_sweep(payload: dict) -> str:
     rows = payload["rows"]
     base, plain = rows["baseline"]["val_map50"], rows["plain"]["val_map50"]
@@ -307,7 +426,18 @@ def val_share(distill: dict) -> str:
     known = {**OLD, **distill}  # results written before these options existed ran without them
     for r in rows.values():
         if r.get("weights") and all(known.get(k, v) == v for k, v in r["weights"].items()) and base > plain:
-            return f"; there, at 2 epochs and seed 0, they recover {(r['val_map50'] - plain) / (base - plain):.0%}"
+            return f"; there, at 2 epochs, lr 0.001 and seed 0, they recover {(r['val_map50'] - plain) / (base - plain):.0%}"
+    return ""
+
+
+def lr_note(payload: dict) -> str:
+    """Where the learning rate of a test run came from, if the val-split rate sweep chose it."""
+    lr = payload.get("finetune", {}).get("lr", OLD_LR)
+    for path in sorted(RESULTS_DIR.glob("distill_lr_e*.json")):
+        sweep = json.loads(path.read_text())
+        if chosen_lr(sweep) == lr:
+            return (f"; the rate at which fine-tuning without distillation scored highest on the val split, "
+                    f"section \"choosing the fine-tuning learning rate\", {epochs_text(sweep['epochs'])}")
     return ""
 
 
@@ -324,15 +454,18 @@ def render(payload: dict) -> str:
     base = rows["baseline"]
     d = payload["distill"]
     seeds = payload.get("seeds", [0])
-    stem = f"distill_e{payload['epochs']}" + (f"_s{len(seeds)}" if len(seeds) > 1 else "")
+    lr = payload.get("finetune", {}).get("lr", OLD_LR)
+    stem = f"distill_e{payload['epochs']}" + (f"_s{len(seeds)}" if len(seeds) > 1 else "") + lr_suffix(lr)
     lines = [
-        f"## Distillation: a pruned yolo-s fine-tuned {payload['epochs']} epochs with and without the original "
+        f"## Distillation: a pruned yolo-s fine-tuned {epochs_text(payload['epochs'])}"
+        f"{f' at lr {lr:g}' if lr != OLD_LR else ''} with and without the original "
         f"as teacher{f', {len(seeds)} seeds' if len(seeds) > 1 else ''} (issue 7)",
         "",
         f"Command: `.venv/bin/python {payload['command']}`. The shipped baseline pruned to "
         f"{payload['macs_ratio']:.0%} of its MACs (bench_prune's slimdet settings: Taylor importance, sensitivity "
-        f"allocation, round to 8), then fine-tuned for {payload['epochs']} epochs twice with the same settings and data "
-        "order (AdamW lr 1e-3, cosine, EMA, warm-up 0.3 epochs, seed 0): on the detection loss alone, and with "
+        f"allocation, round to 8), then fine-tuned for {epochs_text(payload['epochs'])} twice with the same settings and data "
+        f"order (AdamW lr {lr:g}, cosine, EMA, warm-up 0.3 epochs, seed 0"
+        f"{lr_note(payload)}): on the detection loss alone, and with "
         f"distillation from the baseline (the defaults then: det {d['det']}, cls {d['cls']}, box {d['box']}, feat "
         f"{d['feat']}, layers {d.get('layers', 0.0):g}, temperature {d['temperature']}, targets assigned by the "
         f"{d.get('assign', 'student')}, reconstruction on {d.get('reconstruct_batches', 0)} batches). mAP on the "
