@@ -29,6 +29,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import RESULTS_DIR, ROOT, env_line, environment, write_json, write_section
@@ -123,14 +124,14 @@ def main() -> int:
 
 def run(args: argparse.Namespace) -> dict:
     from slimdet.compress import PruneConfig, prune
-    from slimdet.compress.distill import DistillConfig, Distiller
+    from slimdet.compress.distill import DistillConfig
     from slimdet.data import load_dataset, make_loader
     from slimdet.evaluate import evaluate
     from slimdet.io import save_checkpoint
     from slimdet.models import load_model
     from slimdet.profiling.macs import total_macs
     from slimdet.report import plots
-    from slimdet.train import TrainConfig, train
+    from slimdet.train import TrainConfig
 
     args.out.mkdir(parents=True, exist_ok=True)
     baseline, _ = load_model(BASELINE)
@@ -178,13 +179,8 @@ def run(args: argparse.Namespace) -> dict:
                 out = out.with_name(f"{out.name}_{key}")
             if seed:  # seed 0 keeps the folder names of the single-seed runs
                 out = out.with_name(f"{out.name}_s{seed}")
-            if name == "plain":
-                result = train(model, train_ds, val_ds, cfg, out_dir=out, resume=True)
-                adapters: list[str] = []
-            else:
-                with Distiller(model, baseline, distill_cfg) as distiller:
-                    result = train(model, train_ds, val_ds, cfg, out_dir=out, resume=True, distiller=distiller)
-                    adapters = sorted(distiller.adapters.keys())
+            result, adapters = finetune(model, baseline, distill_cfg if name == "distill" else None, train_ds, val_ds,
+                                        cfg, out)  # fmt: skip
             scored = out / "bench_test.json"  # the test mAP of the finished run, kept: rerunning only rescores nothing
             if not scored.is_file():
                 res = evaluate(model.eval(), test_ds, progress=False)
@@ -229,6 +225,34 @@ def lr_suffix(lr: float) -> str:
     return "" if lr == OLD_LR else f"_lr{lr:g}"
 
 
+def finetune(model, teacher, distill_cfg, train_ds, val_ds, cfg, out: Path) -> tuple[Any, list[str]]:  # noqa: ANN001
+    """Fine-tune ``model`` in ``out`` (resumed when a run is there): on the detection loss alone when
+    ``distill_cfg`` is None, else distilling from ``teacher``. Returns the TrainResult and the adapters' levels."""
+    from slimdet.compress.distill import Distiller
+    from slimdet.train import train
+
+    if distill_cfg is None:
+        return train(model, train_ds, val_ds, cfg, out_dir=out, resume=True), []
+    with Distiller(model, teacher, distill_cfg) as distiller:
+        result = train(model, train_ds, val_ds, cfg, out_dir=out, resume=True, distiller=distiller)
+        return result, sorted(distiller.adapters.keys())
+
+
+def val_setup(args: argparse.Namespace, flag: str) -> tuple[Path, Any, Any, Any]:
+    """The sweeps' inputs: the pruned checkpoint (made by a test run first), the baseline, train and val splits."""
+    from slimdet.data import load_dataset
+    from slimdet.models import load_model
+
+    pruned_path = args.out / f"pruned_{args.macs_ratio}.pt"
+    if not pruned_path.is_file():
+        raise SystemExit(f"{pruned_path} missing: run the benchmark without {flag} first (it prunes)")
+    baseline, _ = load_model(BASELINE)
+    baseline.eval()
+    train_ds = load_dataset("digits-det", "train", input_size=baseline.input_size, augment=True, cache_images=True)
+    val_ds = load_dataset("digits-det", "val", input_size=baseline.input_size)
+    return pruned_path, baseline, train_ds, val_ds
+
+
 def reconstructed_map(model, teacher, distill_cfg, train_ds, test_ds, ft_cfg) -> dict:  # noqa: ANN001
     """Test mAP of a copy of the pruned model after the distiller's closed-form reconstruction alone, on the
     first ``reconstruct_batches`` batches of a loader like fine-tuning's (its own random stream: not
@@ -257,29 +281,18 @@ def reconstructed_map(model, teacher, distill_cfg, train_ds, test_ds, ft_cfg) ->
 
 def sweep(args: argparse.Namespace) -> dict:
     """Val-split mAP of the pruned model fine-tuned 2 epochs without and with each weighting in SWEEP."""
-    from slimdet.compress.distill import DistillConfig, Distiller
-    from slimdet.data import load_dataset
+    from slimdet.compress.distill import DistillConfig
     from slimdet.evaluate import evaluate
     from slimdet.models import load_model
-    from slimdet.train import TrainConfig, train
+    from slimdet.train import TrainConfig
 
-    pruned_path = args.out / f"pruned_{args.macs_ratio}.pt"
-    if not pruned_path.is_file():
-        raise SystemExit(f"{pruned_path} missing: run the benchmark without --sweep first (it prunes)")
-    baseline, _ = load_model(BASELINE)
-    baseline.eval()
-    train_ds = load_dataset("digits-det", "train", input_size=baseline.input_size, augment=True, cache_images=True)
-    val_ds = load_dataset("digits-det", "val", input_size=baseline.input_size)
+    pruned_path, baseline, train_ds, val_ds = val_setup(args, "--sweep")
     cfg = TrainConfig(epochs=2, lr=1e-3, warmup_epochs=0.3, eval_every=0, seed=0)
     rows: dict[str, dict] = {"baseline": {"val_map50": evaluate(baseline, val_ds, progress=False).map50}}
     for key, weights in {"plain": None, **SWEEP}.items():
         model, _ = load_model(pruned_path)
         out = args.out / f"plain_{args.macs_ratio}_e2" if weights is None else args.out / "sweep" / key
-        if weights is None:
-            train(model, train_ds, val_ds, cfg, out_dir=out, resume=True)
-        else:
-            with Distiller(model, baseline, DistillConfig(**weights)) as distiller:
-                train(model, train_ds, val_ds, cfg, out_dir=out, resume=True, distiller=distiller)
+        finetune(model, baseline, None if weights is None else DistillConfig(**weights), train_ds, val_ds, cfg, out)
         res = evaluate(model.eval(), val_ds, progress=False)
         rows[key] = {"weights": weights, "val_map50": res.map50, "val_map": res.map}
         print(key, rows[key], flush=True)
@@ -291,19 +304,12 @@ def sweep(args: argparse.Namespace) -> dict:
 def lr_sweep(args: argparse.Namespace) -> dict:
     """Val-split mAP of the pruned model fine-tuned ``--epochs`` epochs without and with distillation (the
     defaults) at every learning rate of LR_GRID; the chosen rate is plain fine-tuning's best."""
-    from slimdet.compress.distill import DistillConfig, Distiller
-    from slimdet.data import load_dataset
+    from slimdet.compress.distill import DistillConfig
     from slimdet.evaluate import evaluate
     from slimdet.models import load_model
-    from slimdet.train import TrainConfig, train
+    from slimdet.train import TrainConfig
 
-    pruned_path = args.out / f"pruned_{args.macs_ratio}.pt"
-    if not pruned_path.is_file():
-        raise SystemExit(f"{pruned_path} missing: run the benchmark without --lr-sweep first (it prunes)")
-    baseline, _ = load_model(BASELINE)
-    baseline.eval()
-    train_ds = load_dataset("digits-det", "train", input_size=baseline.input_size, augment=True, cache_images=True)
-    val_ds = load_dataset("digits-det", "val", input_size=baseline.input_size)
+    pruned_path, baseline, train_ds, val_ds = val_setup(args, "--lr-sweep")
     distill_cfg = DistillConfig()
     rows: dict[str, dict] = {"baseline": {"val_map50": evaluate(baseline, val_ds, progress=False).map50}}
     for kind in (args.only,) if args.only else ("plain", "distill"):
@@ -314,11 +320,7 @@ def lr_sweep(args: argparse.Namespace) -> dict:
             if not scored.is_file():
                 model, _ = load_model(pruned_path)
                 try:
-                    if kind == "plain":
-                        train(model, train_ds, val_ds, cfg, out_dir=out, resume=True)
-                    else:
-                        with Distiller(model, baseline, distill_cfg) as distiller:
-                            train(model, train_ds, val_ds, cfg, out_dir=out, resume=True, distiller=distiller)
+                    finetune(model, baseline, distill_cfg if kind == "distill" else None, train_ds, val_ds, cfg, out)
                 except FloatingPointError as exc:  # too high a rate: the loss became nan, kept as a result
                     scored.write_text(json.dumps({"val_map50": None, "val_map": None, "diverged": str(exc)}))
                 else:
@@ -498,7 +500,7 @@ def render(payload: dict) -> str:
     else:
         met = "met" if share >= TARGET_RECOVERED else "**missed**"
         verdict = (f"without distillation {lost:.2f} points of mAP@.5 stay lost; distillation recovers "
-                   f"{share:.0%} of them (target >= {TARGET_RECOVERED:.0%}: {met})")  # fmt: skip
+                   f"{share:.1%} of them (target >= {TARGET_RECOVERED:.0%}: {met})")  # fmt: skip
     final = rows["distill"]["final_epoch"]
     terms = ", ".join(f"{k[6:]} {final[k]:.3f}" for k in final if k.startswith("train_"))
     recon = []
@@ -514,11 +516,13 @@ def render(payload: dict) -> str:
     per_seed = []
     if len(seeds) > 1:
         pairs = list(zip(rows["plain"]["per_seed"], rows["distill"]["per_seed"], strict=True))
-        each = ", ".join(f"seed {k}: {dm:.4f} vs {pm:.4f} ({(dm - pm) / (base['test_map50'] - pm):.0%})"
+        each = ", ".join(f"seed {k}: {dm:.4f} vs {pm:.4f} ({(dm - pm) / (base['test_map50'] - pm):.1%})"
                          for k, (pm, dm) in zip(seeds, pairs, strict=True))  # fmt: skip
         wins = sum(dm > pm for pm, dm in pairs)
+        reached = sum((dm - pm) / (base["test_map50"] - pm) >= TARGET_RECOVERED for pm, dm in pairs)
         per_seed = [f"- Per seed, with distillation vs without (share recovered): {each}; distillation higher in "
-                    f"{wins} of {len(pairs)}."]  # fmt: skip
+                    f"{wins} of {len(pairs)}, the share at or above {TARGET_RECOVERED:.0%} in {reached} of "
+                    f"{len(pairs)} (the target is on the mean)."]  # fmt: skip
     lines += [
         "",
         f"- {verdict}.",
