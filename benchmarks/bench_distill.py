@@ -496,7 +496,10 @@ def render(payload: dict) -> str:
     share = recovered(rows)
     lost = 100 * (base["test_map50"] - rows["plain"]["test_map50"])
     if share is None:
-        verdict = f"fine-tuning without distillation lost nothing ({-lost:+.2f} points), so there was nothing to recover"
+        gap = 100 * (rows["distill"]["test_map50"] - rows["plain"]["test_map50"])
+        verdict = (f"fine-tuning without distillation lost nothing ({-lost:+.2f} points vs the teacher), so there was "
+                   f"nothing to recover; with distillation the student scores {abs(gap):.2f} points "
+                   f"{'higher' if gap >= 0 else 'lower'} than without")  # fmt: skip
     else:
         met = "met" if share >= TARGET_RECOVERED else "**missed**"
         verdict = (f"without distillation {lost:.2f} points of mAP@.5 stay lost; distillation recovers "
