@@ -85,38 +85,25 @@ def main() -> int:
                         help="fine-tune only this contender and stop (to run the two in parallel processes; a run "
                              "without --only then finds both finished and writes the results)")  # fmt: skip
     args = parser.parse_args()
-    name = "distill_sweep" if args.sweep else f"distill_e{args.epochs}" + (f"_s{args.seeds}" if args.seeds > 1 else "")
-    name += lr_suffix(args.lr) if not args.sweep else ""
-    if args.lr_sweep:
-        name = f"distill_lr_e{args.epochs}"
-    if args.render_only and (args.sweep or args.lr_sweep):
-        renderer = render_sweep if args.sweep else render_lr_sweep
-        write_section(name, renderer(json.loads((RESULTS_DIR / f"{name}.json").read_text())))
-        return 0
+    if args.sweep and args.only:
+        parser.error("--only splits the test runs and --lr-sweep, not --sweep")
+    if args.sweep:  # the mode: its result name, what computes the payload and what renders it
+        name, compute, renderer = "distill_sweep", sweep, render_sweep
+    elif args.lr_sweep:
+        name, compute, renderer = f"distill_lr_e{args.epochs}", lr_sweep, render_lr_sweep
+    else:
+        name = f"distill_e{args.epochs}" + (f"_s{args.seeds}" if args.seeds > 1 else "") + lr_suffix(args.lr)
+        compute, renderer = run, render
     if args.render_only:
-        write_section(name, render(json.loads((RESULTS_DIR / f"{name}.json").read_text())))
+        write_section(name, renderer(json.loads((RESULTS_DIR / f"{name}.json").read_text())))
         return 0
     torch.set_num_threads(args.threads)
     args.name = name
-    if args.lr_sweep:
-        payload = lr_sweep(args)
-        if args.only:
-            return 0
-        write_json(name, payload)
-        write_section(name, render_lr_sweep(payload))
-        print(render_lr_sweep(payload))
-        return 0
-    if args.sweep:
-        payload = sweep(args)
-        write_json(name, payload)
-        write_section(name, render_sweep(payload))
-        print(render_sweep(payload))
-        return 0
-    payload = run(args)
-    if args.only:
+    payload = compute(args)
+    if args.only:  # one contender trained: a run without --only writes the results
         return 0
     write_json(name, payload)
-    text = render(payload)
+    text = renderer(payload)
     write_section(name, text)
     print(text)
     return 0
@@ -172,7 +159,6 @@ def run(args: argparse.Namespace) -> dict:
                 kept.write_text(json.dumps(reconstructed_map(model, baseline, distill_cfg, train_ds, test_ds, ft_cfg)))
             if name == "distill" and kept.is_file():
                 rows["reconstructed"] = json.loads(kept.read_text())
-            t0 = time.perf_counter()
             cfg = ft_cfg.model_copy(update={"seed": seed})
             out = args.out / f"{name}_{args.macs_ratio}_e{args.epochs}{lr_suffix(args.lr)}"
             if name == "distill":
@@ -192,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
             row["seeds"].append(seed)
             if seed == seeds[0]:  # timing, loss terms and curves: of the first seed's run
                 curves[name] = result.loss_curve
-                row.update({"finetune_s": time.perf_counter() - t0, "epoch_s": [h["time_s"] for h in result.history],
+                row.update({"epoch_s": [h["time_s"] for h in result.history],  # the epochs themselves, not a resume
                             "adapters": adapters, "final_epoch": result.history[-1]})  # fmt: skip
         row = rows[name]
         row["test_map50"] = sum(row["per_seed"]) / len(row["per_seed"])
