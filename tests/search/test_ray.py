@@ -52,27 +52,32 @@ def calib(tiny_digits):
     return calibration_batches(load_dataset(tiny_digits, "train", input_size=64), **CALIB)
 
 
-def _wait_for_partner(marker: Path, trial: int) -> tuple[int, int, float]:
-    """Trial 0 finishes only after trial 1 (it waits for trial 1's file): results come back out of order."""
-    if trial == 1:
-        marker.touch()
+def _wait_for_partner(folder: Path, trial: int) -> tuple[int, int, float]:
+    """Trial 0 finishes only after the caller has received trial 1's result: results come back out of order.
+
+    Waiting for the caller's receipt (written by ``on_result``), not for trial 1 itself, leaves no race: had
+    both finished before the caller looked, it would take them in submission order.
+    """
     deadline = time.monotonic() + 120  # a cold Ray worker on a loaded machine can take a while to start
-    while trial == 0 and not marker.exists() and time.monotonic() < deadline:
+    while trial == 0 and not (folder / "1.received").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     return trial, torch.get_num_threads(), float(torch.rand(()))
 
 
 def test_runner_keeps_trial_order_threads_and_seed(ray_instance, tmp_path):
     finished = []
+
+    def on_result(trial, result):
+        finished.append(trial)
+        (tmp_path / f"{trial}.received").touch()
+
     runner = TrialRunner("ray", threads=1)
-    marker = tmp_path / "trial1.done"
-    on_result = lambda trial, result: finished.append(trial)  # noqa: E731
-    results = runner.run(_wait_for_partner, [0, 1, 2], shared=marker, seed=5, on_result=on_result, progress=False)
+    results = runner.run(_wait_for_partner, [0, 1, 2], shared=tmp_path, seed=5, on_result=on_result, progress=False)
     assert [r[0] for r in results] == [0, 1, 2] and finished.index(1) < finished.index(0)
     assert sorted(finished) == [0, 1, 2] and all(r[1] == 1 for r in results)
     # every trial starts from the same RNG state, in either backend; the caller's state is left alone
     before = torch.get_rng_state()
-    local = TrialRunner("local", threads=1).run(_wait_for_partner, [1, 2], shared=marker, seed=5, progress=False)
+    local = TrialRunner("local", threads=1).run(_wait_for_partner, [1, 2], shared=tmp_path, seed=5, progress=False)
     assert torch.equal(torch.get_rng_state(), before)
     expected = float(torch.rand((), generator=torch.Generator().manual_seed(5)))
     assert {r[2] for r in results} == {r[2] for r in local} == {expected}
