@@ -144,27 +144,92 @@ def test_auto_keep_finds_a_broken_tail_tensor_by_measurement(fitted_tiny, calib)
     assert qs[broken].mode == Mode.OFF
 
 
-def test_auto_keep_leaves_a_tolerable_quantization_loss_alone(fitted_tiny, calib):
+def _break(model, label: str):
+    """Make the activation grid of ``label`` far too coarse; returns its quantizer."""
+    q = next(q for q in quantizers(model).values() if q.label == label and q.kind == "act")
+    with torch.no_grad():
+        q.scale.mul_(40)
+    return q
+
+
+def _rel_increase(model, calib) -> float:
     from slimdet.compress.importance import calib_loss
     from slimdet.compress.quant.graph import float_mode
+
+    batches = list(calib)[:2]
+    with float_mode(model):
+        loss_float = calib_loss(model, batches)
+    return (calib_loss(model, batches) - loss_float) / loss_float
+
+
+def test_auto_keep_leaves_a_tolerable_quantization_loss_alone(fitted_tiny, calib):
     from slimdet.compress.quant.keep import auto_keep
 
     model = copy.deepcopy(fitted_tiny)
     quantize(model, _cfg(auto_keep=False), calib=calib, progress=False)
-    qs = quantizers(model)
-    broken = next(k for k, q in qs.items() if q.label == "heads.0/cat")
-    with torch.no_grad():
-        qs[broken].scale.mul_(40)
-    batches = list(calib)[:2]
-    with float_mode(model):
-        loss_float = calib_loss(model, batches)
-    rel_increase = (calib_loss(model, batches) - loss_float) / loss_float
+    broken = _break(model, "heads.0.box_pred")  # a conv's output: float here would make the conv float
+    rel_increase = _rel_increase(model, calib)
     assert rel_increase > 0
     # a tolerance above the measured increase: no float island is worth its run time
     assert auto_keep(model, _points(model), calib, tolerance=rel_increase * 1.01, progress=False) == {}
-    assert qs[broken].mode == Mode.QUANT
+    assert broken.mode == Mode.QUANT
     # below it, the broken tensor is still found
-    assert list(auto_keep(model, _points(model), calib, tolerance=rel_increase / 4, progress=False)) == ["heads.0/cat"]
+    kept = auto_keep(model, _points(model), calib, tolerance=rel_increase / 4, progress=False)
+    assert list(kept) == ["heads.0.box_pred"] and "no run time" not in kept["heads.0.box_pred"]
+
+
+def test_auto_keep_drops_an_output_requantization_within_the_tolerance(fitted_tiny, calib):
+    from slimdet.compress.quant.graph import requant_output_keys
+    from slimdet.compress.quant.keep import auto_keep
+
+    model = copy.deepcopy(fitted_tiny)
+    quantize(model, _cfg(auto_keep=False), calib=calib, progress=False)
+    # the heads' concatenations of their (quantized) box and class maps only requantize the outputs
+    assert {quantizers(model)[k].label for k in requant_output_keys(model)} == {f"heads.{i}/cat" for i in range(3)}
+    fresh = copy.deepcopy(model)
+    broken = _break(model, "heads.0/cat")
+    rel_increase = _rel_increase(model, calib)
+    # float costs no run time there, so the tolerance does not hold it back: it is kept by measurement
+    kept = auto_keep(model, _points(model), calib, tolerance=rel_increase * 1.01, progress=False)
+    assert list(kept) == ["heads.0/cat"] and "costs no run time" in kept["heads.0/cat"]
+    assert broken.mode == Mode.OFF
+    # ... but only by measurement: one that cannot remove the whole increase stays when that is asked for
+    assert auto_keep(fresh, _points(fresh), calib, tolerance=10.0, min_gain=1.0, progress=False) == {}
+
+
+def test_raw_predictions_are_never_clipped_even_before_their_concatenation(fitted_tiny, calib):
+    from slimdet.compress.quant.graph import output_keys
+
+    model = copy.deepcopy(fitted_tiny)
+    quantize(model, _cfg(auto_keep=False, calibrator="percentile", calibrator_options={"percentile": 90.0}),
+             calib=calib, progress=False)  # fmt: skip
+    qs = quantizers(model)
+    labels = {qs[k].label for k in output_keys(model)}
+    assert {"heads.0/cat", "heads.0.box_pred", "heads.0.cls_pred"} <= labels
+    assert not any(label.startswith(("backbone", "neck")) for label in labels)
+    float_model = copy.deepcopy(model)
+    set_quant_mode(float_model, "off")
+    seen = {}
+
+    def extremes(key):
+        def hook(module, inputs, output):
+            seen[key] = (inputs[0].min(), inputs[0].max())
+
+        return hook
+
+    hooks = [q.register_forward_hook(extremes(k)) for k, q in quantizers(float_model).items()
+             if k in output_keys(float_model)]  # fmt: skip
+    float_model.eval()
+    with torch.no_grad():
+        float_model(calib[0][0])
+    for h in hooks:
+        h.remove()
+    assert set(seen) == output_keys(model)
+    for key, (lo, hi) in seen.items():  # minmax: the extremes are on the grid (within the zero point's rounding)
+        q = qs[key]
+        half_step = 0.5 * float(q.scale) + 1e-4
+        assert float((q.qmin - q.zero_point) * q.scale) <= float(lo) + half_step
+        assert float((q.qmax - q.zero_point) * q.scale) >= float(hi) - half_step
 
 
 def _points(model):

@@ -300,13 +300,54 @@ def quantizers(model: nn.Module) -> dict[str, Quantizer]:
 
 
 def output_keys(model: nn.Module) -> set[str]:
-    """Keys of the quantizers whose tensors are the graph's outputs (the detector's raw predictions)."""
+    """Keys of the quantizers of the detector's raw predictions.
+
+    These are the graph's outputs and the tensors that reach them only through concatenation or
+    ops that move values (a head's box and class maps before they are concatenated): their values
+    are what the float decoder reads.
+    """
     gm = getattr(model, "_quant_graph", None)
     if gm is None:
         return set()
+    modules = dict(gm.named_modules())
+    found: set[str] = set()
+    frontier = list(next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes)
+    seen: set[fx.Node] = set()
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and str(node.target).startswith("quant."):
+            found.add(node.target.split(".", 1)[1])
+            frontier.extend(node.all_input_nodes)
+        elif node.target is torch.cat or _is_passthrough(node, modules):
+            frontier.extend(node.all_input_nodes)
+    return found
+
+
+def requant_output_keys(model: nn.Module) -> set[str]:
+    """Keys of graph-output quantizers whose tensor only joins or moves already quantized tensors.
+
+    Such a quantizer (a head's concatenation of its box and class maps) computes nothing on an
+    integer runtime; it only rounds the predictions a second time, onto one grid for both. Keeping it
+    in float costs no run time.
+    """
+    gm = getattr(model, "_quant_graph", None)
+    if gm is None:
+        return set()
+    modules = dict(gm.named_modules())
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    return {n.target.split(".", 1)[1] for n in out.all_input_nodes
-            if n.op == "call_module" and str(n.target).startswith("quant.")}  # fmt: skip
+    keys = set()
+    for node in out.all_input_nodes:
+        if node.op != "call_module" or not str(node.target).startswith("quant."):
+            continue
+        (made,) = node.all_input_nodes
+        joined = made.target is torch.cat or _is_passthrough(made, modules)
+        inputs = made.all_input_nodes
+        if joined and inputs and all(a.op == "call_module" and str(a.target).startswith("quant.") for a in inputs):
+            keys.add(node.target.split(".", 1)[1])
+    return keys
 
 
 def is_quantized(model: nn.Module) -> bool:
