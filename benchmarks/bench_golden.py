@@ -47,7 +47,7 @@ def main() -> int:
     test = load_dataset("digits-det", "test", input_size=160).subset(args.images)
     images = [test[i][0][None].numpy() for i in range(len(test))]
     rows = {}
-    every_layer_integer = {"auto_keep": False, "runtime_aware": False}
+    every_layer_integer = {"auto_keep": False, "runtime_aware": False, "float_outputs": False}
     for name, cfg in {"W8A8": QuantConfig(**every_layer_integer),
                       "W4A8": QuantConfig(weight_bits=4, **every_layer_integer)}.items():  # fmt: skip
         model = copy.deepcopy(baseline)

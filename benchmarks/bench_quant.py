@@ -94,7 +94,8 @@ def run_ptq(args: argparse.Namespace) -> dict:
     _, test_ds = _data()
     fp32 = args.out / "fp32.onnx"
     export_onnx(baseline, fp32)
-    rows: dict[str, dict] = {"fp32": {"test_map50": [evaluate(baseline, test_ds, progress=False).map50],
+    fp32_eval = evaluate(baseline, test_ds, progress=False)
+    rows: dict[str, dict] = {"fp32": {"test_map50": [fp32_eval.map50], "test_map": [fp32_eval.map],
                                       "size_bytes": fp32.stat().st_size}}  # fmt: skip
     files: dict[str, Path] = {"fp32": fp32}
     for k in range(args.calib_sets):  # the same calibration images for every contender, k-th set
@@ -107,14 +108,15 @@ def run_ptq(args: argparse.Namespace) -> dict:
         made = {"slimdet": export_qdq(model, out / "slimdet_w8a8.onnx").path}
         quant_s = time.perf_counter() - t0
         check = check_consistency(model, made["slimdet"], test_ds, raise_on_gap=False, progress=False)
-        row = rows.setdefault("slimdet", {"test_map50": [], "test_map50_simulated": [], "gap_points": [],
-                                          "quantize_s": [], "kept_float": []})  # fmt: skip
-        for key, value in (("test_map50", check.map50_runtime), ("test_map50_simulated", check.map50_simulated),
+        row = rows.setdefault("slimdet", {"test_map50": [], "test_map": [], "test_map50_simulated": [],
+                                          "gap_points": [], "quantize_s": [], "kept_float": []})  # fmt: skip
+        for key, value in (("test_map50", check.map50_runtime), ("test_map", check.map_runtime),
+                           ("test_map50_simulated", check.map50_simulated),
                            ("gap_points", check.gap_points), ("quantize_s", quant_s),
                            ("kept_float", result.kept_float)):  # fmt: skip
             row[key].append(value)
         for name, fn in (("ort-static", ort_quantize_static), ("nncf", nncf_quantize)):
-            row = rows.setdefault(name, {"test_map50": [], "quantize_s": []})
+            row = rows.setdefault(name, {"test_map50": [], "test_map": [], "quantize_s": []})
             try:
                 t0 = time.perf_counter()
                 made[name] = Path(fn(fp32, out / f"{name}.onnx", images))
@@ -123,7 +125,9 @@ def run_ptq(args: argparse.Namespace) -> dict:
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 print(f"{name} not run: {exc}", file=sys.stderr)
                 continue
-            row["test_map50"].append(evaluate(OrtDetector(made[name], like=baseline), test_ds, progress=False).map50)
+            scored = evaluate(OrtDetector(made[name], like=baseline), test_ds, progress=False)
+            row["test_map50"].append(scored.map50)
+            row["test_map"].append(scored.map)
         if k == 0:
             files.update(made)
     for name, path in files.items():
@@ -194,18 +198,19 @@ def render_ptq(p: dict) -> str:
         "Latency at batch 1 of the first set's files, every model timed interleaved with the FP32 model in one "
         "process (median ms; speed-up = FP32 median / median).",
         "",
-        "| model | test mAP@.5 (mean) | Δ vs FP32 (points) | per calibration set | ONNX size | b1, 1 thread | "
-        "speed-up | b1, 2 threads | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | test mAP@.5 (mean) | Δ vs FP32 (points) | per calibration set | mAP@[.5:.95] (mean) | ONNX size | "
+        "b1, 1 thread | speed-up | b1, 2 threads | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         if "error" in r or not r["test_map50"]:
-            lines.append(f"| {name} | not run: {r.get('error', 'no result')} | | | | | | | |")
+            lines.append(f"| {name} | not run: {r.get('error', 'no result')} | | | | | | | | |")
             continue
         maps = r["test_map50"]
         m = sum(maps) / len(maps)
         l1, l2 = lat["1"], lat["2"]
-        lines.append(f"| {name} | {m:.4f} | {100 * (m - fp):+.2f} | {' / '.join(f'{x:.4f}' for x in maps)} | "
+        coco = f"{sum(r['test_map']) / len(r['test_map']):.4f}" if r.get("test_map") else "–"  # older runs: not kept
+        lines.append(f"| {name} | {m:.4f} | {100 * (m - fp):+.2f} | {' / '.join(f'{x:.4f}' for x in maps)} | {coco} | "
                      f"{r['size_bytes'] / 1e6:.2f} MB | {l1['median_ms'][name]:.2f} | {l1['speedup'][name]:.2f}x | "
                      f"{l2['median_ms'][name]:.2f} | {l2['speedup'][name]:.2f}x |")  # fmt: skip
     s = rows["slimdet"]

@@ -23,7 +23,8 @@ from slimdet.export.qdq import export_qdq
 def quantized(fitted_tiny, tiny_test_ds):
     images, targets = collate([tiny_test_ds[i] for i in range(len(tiny_test_ds))])
     model = copy.deepcopy(fitted_tiny)
-    cfg = QuantConfig(overrides={r"neck\..*": {"weight_bits": 4}}, auto_keep=False, adaround=False, runtime_aware=False)
+    cfg = QuantConfig(overrides={r"neck\..*": {"weight_bits": 4}}, auto_keep=False, adaround=False, runtime_aware=False,
+                      float_outputs=False)  # every tensor integer: all int8 kernels, and the golden model runs it
     quantize(model, cfg, calib=[(images, targets)], progress=False)
     return model.eval()
 

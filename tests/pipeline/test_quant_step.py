@@ -77,5 +77,8 @@ def test_hw_package_needs_every_layer_integer(tiny_digits, tmp_path):
     with pytest.raises(ConfigError, match="every layer in integers"):
         run_recipe(_recipe(tiny_digits, [{"quantize": quant}]), out_dir=tmp_path / "a", progress=False)
     quant.update(keep_float=[], auto_keep=False)
+    with pytest.raises(ConfigError, match="float_outputs: false"):  # the raw predictions are float by default
+        run_recipe(_recipe(tiny_digits, [{"quantize": quant}]), out_dir=tmp_path / "c", progress=False)
+    quant.update(float_outputs=False)
     run_recipe(_recipe(tiny_digits, [{"quantize": quant}]), out_dir=tmp_path / "b", progress=False)
     assert (tmp_path / "b" / "steps" / "00_quantize" / "hw_package" / "manifest.json").is_file()

@@ -129,7 +129,7 @@ def test_auto_keep_finds_a_broken_tail_tensor_by_measurement(fitted_tiny, calib)
     from slimdet.compress.quant.keep import auto_keep
 
     model = copy.deepcopy(fitted_tiny)
-    quantize(model, _cfg(auto_keep=False), calib=calib, progress=False)
+    quantize(model, _cfg(auto_keep=False, float_outputs=False), calib=calib, progress=False)
     points = _points(model)
     units = tail_units(model, points)
     assert {"heads.1/cat", "heads.1.box_pred", "heads.1.cls_pred"} <= set(units)
@@ -142,6 +142,30 @@ def test_auto_keep_finds_a_broken_tail_tensor_by_measurement(fitted_tiny, calib)
     assert list(kept) == ["heads.0/cat"]
     assert "detection-loss increase" in kept["heads.0/cat"]
     assert qs[broken].mode == Mode.OFF
+
+
+def test_raw_predictions_stay_float_by_default_so_that_scores_do_not_tie(fitted_tiny, calib):
+    from slimdet.compress.quant.graph import output_keys
+
+    scores = {}
+    for float_outputs in (True, False):
+        model = copy.deepcopy(fitted_tiny)
+        r = quantize(model, _cfg(auto_keep=False, float_outputs=float_outputs), calib=calib, progress=False)
+        qs = quantizers(model)
+        off = {qs[k].label for k in output_keys(model) if qs[k].mode == Mode.OFF}
+        if float_outputs:
+            assert off == {f"heads.{i}{part}" for i in range(3) for part in ("/cat", ".box_pred", ".cls_pred")}
+            assert set(r.kept_float) == off and all("float_outputs" in why for why in r.kept_float.values())
+            assert all(q.mode == Mode.QUANT for k, q in qs.items() if k not in output_keys(model))
+            assert r.weight_bits["heads.0.cls_pred"] == 8  # the prediction convs' weights stay integer
+        else:
+            assert not off and not r.kept_float
+        model.eval()
+        with torch.no_grad():
+            level0 = model(calib[0][0])[0]
+        scores[float_outputs] = level0[:, -model.num_classes:].flatten()
+    # on an 8-bit grid the class logits take at most 256 values (so scores tie across images)
+    assert scores[False].unique().numel() <= 256 < scores[True].unique().numel()
 
 
 def _break(model, label: str):
@@ -166,7 +190,7 @@ def test_auto_keep_leaves_a_tolerable_quantization_loss_alone(fitted_tiny, calib
     from slimdet.compress.quant.keep import auto_keep
 
     model = copy.deepcopy(fitted_tiny)
-    quantize(model, _cfg(auto_keep=False), calib=calib, progress=False)
+    quantize(model, _cfg(auto_keep=False, float_outputs=False), calib=calib, progress=False)
     broken = _break(model, "heads.0.box_pred")  # a conv's output: float here would make the conv float
     rel_increase = _rel_increase(model, calib)
     assert rel_increase > 0
@@ -183,7 +207,7 @@ def test_auto_keep_drops_an_output_requantization_within_the_tolerance(fitted_ti
     from slimdet.compress.quant.keep import auto_keep
 
     model = copy.deepcopy(fitted_tiny)
-    quantize(model, _cfg(auto_keep=False), calib=calib, progress=False)
+    quantize(model, _cfg(auto_keep=False, float_outputs=False), calib=calib, progress=False)
     # the heads' concatenations of their (quantized) box and class maps only requantize the outputs
     assert {quantizers(model)[k].label for k in requant_output_keys(model)} == {f"heads.{i}/cat" for i in range(3)}
     fresh = copy.deepcopy(model)
@@ -201,8 +225,8 @@ def test_raw_predictions_are_never_clipped_even_before_their_concatenation(fitte
     from slimdet.compress.quant.graph import output_keys
 
     model = copy.deepcopy(fitted_tiny)
-    quantize(model, _cfg(auto_keep=False, calibrator="percentile", calibrator_options={"percentile": 90.0}),
-             calib=calib, progress=False)  # fmt: skip
+    quantize(model, _cfg(auto_keep=False, float_outputs=False, calibrator="percentile",
+                         calibrator_options={"percentile": 90.0}), calib=calib, progress=False)  # fmt: skip
     qs = quantizers(model)
     labels = {qs[k].label for k in output_keys(model)}
     assert {"heads.0/cat", "heads.0.box_pred", "heads.0.cls_pred"} <= labels

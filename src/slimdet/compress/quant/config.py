@@ -66,6 +66,11 @@ class QuantConfig(BaseModel):
     overrides: dict[str, LayerQuant] = Field(default_factory=dict)
     #: layer names / labels or regexes kept in float, on top of what auto_keep finds
     keep_float: list[str] = Field(default_factory=list)
+    #: the detector's raw predictions (graph outputs and the head maps concatenated into them) stay in
+    #: float: the prediction convs return their dequantized accumulator, as the float decoder reads it.
+    #: On an 8-bit grid the class scores collapse to a few dozen values and tie across images, which
+    #: loses the ranking mAP is computed from. False: every tensor integer (golden model, hw package)
+    float_outputs: bool = True
     #: measure which tail layers break detection at low precision and keep them in float
     auto_keep: bool = True
     #: keep a tensor float only if that removes at least this fraction of the quantization loss increase

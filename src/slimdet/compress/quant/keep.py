@@ -90,8 +90,8 @@ def auto_keep(
     requant = requant_output_keys(model)
     units, free = {}, set()
     for unit, keys in tail_units(model, points, depth).items():
-        keys = [k for k in keys if weights or qs[k].kind != "weight"]
-        if keys and all(qs[k].mode == Mode.QUANT for k in keys):
+        keys = [k for k in keys if (weights or qs[k].kind != "weight") and qs[k].mode == Mode.QUANT]
+        if keys:
             units[unit] = keys
             if set(keys) <= requant:
                 free.add(unit)

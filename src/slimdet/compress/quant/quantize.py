@@ -113,6 +113,8 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
     steps: dict[str, Any] = {}
     kept = {p.label: "user: keep_float / override" for p in points
             if p.kind != "shared" and quantizers(model)[p.key].mode == Mode.OFF}  # fmt: skip
+    if cfg.float_outputs:
+        kept.update(_float_outputs(model, points))
     if cfg.runtime_aware:
         from slimdet.compress.quant.runtime import runtime_fallback
 
@@ -170,6 +172,20 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
         sensitivity=sensitivity,
         steps=steps,
     )
+
+
+def _float_outputs(model: Detector, points: list[Point]) -> dict[str, str]:
+    """Switch the raw predictions' quantizers off; returns {label: reason} for those that were on."""
+    qs, outputs = quantizers(model), output_keys(model)
+    kept = {}
+    for p in points:
+        if p.key in outputs and qs[p.key].mode != Mode.OFF:
+            qs[p.key].mode = Mode.OFF
+            if p.kind != "shared":
+                kept[p.label] = ("prediction read by the float decoder (float_outputs): an 8-bit grid would make "
+                                 "the class scores tie across images; its conv returns the dequantized "
+                                 "accumulator")  # fmt: skip
+    return kept
 
 
 def _auto_keep(

@@ -79,8 +79,8 @@ def quantize_step(ctx: RunContext, model: Detector, opts: QuantizeOptions) -> St
         if result.kept_float:
             raise ConfigError(
                 f"{ctx.where('hw_package')}: the integer-only reference needs every layer in integers, but "
-                f"{', '.join(result.kept_float)} stayed float; set auto_keep: false and runtime_aware: false "
-                "(or keep_float: []) to build a hardware package"
+                f"{', '.join(result.kept_float)} stayed float; set auto_keep: false, runtime_aware: false and "
+                "float_outputs: false (and keep_float: []) to build a hardware package"
             )
         from slimdet.export.golden import GoldenModel
         from slimdet.export.hwpackage import export_hw_package
