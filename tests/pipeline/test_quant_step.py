@@ -76,8 +76,8 @@ def test_hw_package_needs_every_layer_integer(tiny_digits, tmp_path):
              "keep_float": ["heads.0.cls_pred"], "hw_package": True}  # fmt: skip
     with pytest.raises(ConfigError, match="every layer in integers"):
         run_recipe(_recipe(tiny_digits, [{"quantize": quant}]), out_dir=tmp_path / "a", progress=False)
-    quant.update(keep_float=[], auto_keep=False)
-    with pytest.raises(ConfigError, match="float_outputs: false"):  # the raw predictions are float by default
+    quant.update(keep_float=[], auto_keep=False, float_outputs=True)
+    with pytest.raises(ConfigError, match="float_outputs: false"):  # raw predictions in float are not integer
         run_recipe(_recipe(tiny_digits, [{"quantize": quant}]), out_dir=tmp_path / "c", progress=False)
     quant.update(float_outputs=False)
     run_recipe(_recipe(tiny_digits, [{"quantize": quant}]), out_dir=tmp_path / "b", progress=False)
