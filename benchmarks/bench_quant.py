@@ -9,9 +9,9 @@ images (train split) for every contender, repeated on ``--calib-sets`` disjoint 
 (differences between the contenders are a few hundredths of a point: one set alone cannot rank them):
 
 * ``slimdet``: ``QuantConfig()`` defaults (per-channel int8 weights, uint8 activations, percentile
-  calibrator, bias correction, detector-aware float tail), exported as QDQ ONNX;
-* ``slimdet-float-outputs``: the same with ``float_outputs=True`` (the raw predictions in float: the
-  class scores do not tie, and the prediction convs run in float);
+  calibrator, bias correction, raw predictions in float, detector-aware float tail), exported as QDQ ONNX;
+* ``slimdet-int-outputs``: the same with ``float_outputs=False`` (the raw predictions on the 8-bit grid
+  too, so the class scores tie across images; the prediction convs run int8);
 * ``ort-static``: ONNX Runtime's ``quantize_static`` with its default settings;
 * ``nncf``: ``nncf.quantize`` with its default settings (ONNX backend).
 
@@ -40,8 +40,8 @@ from _common import RESULTS_DIR, ROOT, env_line, environment, write_json, write_
 
 BASELINE = ROOT / "src" / "slimdet" / "assets" / "yolo-s_digits-det.pt"
 CALIB_IMAGES = 256
-#: slimdet's rows: the defaults, and with the raw predictions in float (no score ties, float prediction convs)
-SLIMDET = {"slimdet": {}, "slimdet-float-outputs": {"float_outputs": True}}
+#: slimdet's rows: the defaults, and with the raw predictions on the 8-bit grid too (every tensor integer)
+SLIMDET = {"slimdet": {}, "slimdet-int-outputs": {"float_outputs": False}}
 
 
 def main() -> int:
