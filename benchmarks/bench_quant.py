@@ -266,7 +266,8 @@ def render_mp(p: dict) -> str:
         "",
         f"Weights: {p['weight_bytes'] / 1e3:,.0f} kB = {p['weight_bytes_ratio']:.1%} of uniform int8 "
         f"({p['weight_bytes_int8'] / 1e3:,.0f} kB), bits chosen by the integer program: {hist}; 32 = float. Kept in "
-        "float (runtime speed, or measured detection loss for the tail activations): "
+        "float (runtime speed, measured detection loss for the tail activations, or float_outputs for the raw "
+        "predictions): "
         f"{', '.join(p['kept_float']) or 'none'}. Simulated vs ONNX Runtime gap {p['gap_points']:.2f} points. "
         f"Quantization {p['quantize_s']:.0f} s, QAT {p['qat_s']:.0f} s.",
         "",
