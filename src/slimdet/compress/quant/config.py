@@ -80,8 +80,7 @@ class QuantConfig(BaseModel):
     auto_keep_min_gain: float = Field(0.05, ge=0, le=1)
     auto_keep_max: int = Field(6, ge=0)
     #: relative detection-loss increase from quantization ((quantized - float) / float, on calibration
-    #: images) that needs no float tail: below it auto_keep keeps nothing that costs run time (a float
-    #: island does); a tail that only requantizes the outputs (a head's concat) is still kept if it helps
+    #: images) that needs no float tail: below it auto_keep keeps nothing, since float islands cost run time
     auto_keep_tolerance: float = Field(0.02, ge=0)
     #: time every conv alone in ONNX Runtime on this CPU, int8 vs float, and keep in float those where
     #: int8 is slower (typically the first conv on the RGB image)

@@ -326,30 +326,6 @@ def output_keys(model: nn.Module) -> set[str]:
     return found
 
 
-def requant_output_keys(model: nn.Module) -> set[str]:
-    """Keys of graph-output quantizers whose tensor only joins or moves already quantized tensors.
-
-    Such a quantizer (a head's concatenation of its box and class maps) computes nothing on an
-    integer runtime; it only rounds the predictions a second time, onto one grid for both. Keeping it
-    in float costs no run time.
-    """
-    gm = getattr(model, "_quant_graph", None)
-    if gm is None:
-        return set()
-    modules = dict(gm.named_modules())
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    keys = set()
-    for node in out.all_input_nodes:
-        if node.op != "call_module" or not str(node.target).startswith("quant."):
-            continue
-        (made,) = node.all_input_nodes
-        joined = made.target is torch.cat or _is_passthrough(made, modules)
-        inputs = made.all_input_nodes
-        if joined and inputs and all(a.op == "call_module" and str(a.target).startswith("quant.") for a in inputs):
-            keys.add(node.target.split(".", 1)[1])
-    return keys
-
-
 def is_quantized(model: nn.Module) -> bool:
     """True for a model whose forward runs the quantized graph of :func:`build`."""
     return getattr(model, "_quant_graph", None) is not None

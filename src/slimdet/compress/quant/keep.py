@@ -18,14 +18,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from slimdet.compress.importance import Calib, calib_loss
-from slimdet.compress.quant.graph import (
-    Point,
-    QuantConv2d,
-    QuantLinear,
-    float_mode,
-    quantizers,
-    requant_output_keys,
-)
+from slimdet.compress.quant.graph import Point, QuantConv2d, QuantLinear, float_mode, quantizers
 from slimdet.compress.quant.quantizers import Mode
 from slimdet.models.base import Detector
 
@@ -78,32 +71,24 @@ def auto_keep(
     Returns {unit label: reason}. ``min_gain`` is the fraction of the loss increase (quantized minus
     float, on ``measure_batches`` calibration batches) that keeping a unit in float must remove.
     ``tolerance``: a relative loss increase ((quantized - float) / float) the detector tolerates; at or
-    below it nothing (more) is kept in float that costs run time, since every float island costs Q/DQ
-    and layout changes around it and buys no accuracy there. A unit that only requantizes the outputs
-    (a head's concatenation of already quantized box and class maps) costs nothing in float, so the
-    tolerance does not hold it back: it is kept when it removes ``min_gain`` of the increase.
+    below it nothing (more) is kept in float, since every float island costs run time (Q/DQ and
+    layout changes around it) and buys no accuracy there.
     With ``weights=False`` only activations are candidates (under a mixed-precision budget the
     integer program decides the weights' precision).
     """
     qs = quantizers(model)
     batches = list(batches)[:measure_batches]
-    requant = requant_output_keys(model)
-    units, free = {}, set()
+    units = {}
     for unit, keys in tail_units(model, points, depth).items():
+        # tensors already float (the user's list, float_outputs) are no candidates; the rest of the unit is
         keys = [k for k in keys if (weights or qs[k].kind != "weight") and qs[k].mode == Mode.QUANT]
         if keys:
             units[unit] = keys
-            if set(keys) <= requant:
-                free.add(unit)
     with float_mode(model):
         loss_float = calib_loss(model, batches)
     loss_quant = calib_loss(model, batches)
     increase = loss_quant - loss_float
-
-    def tolerable(loss: float) -> bool:
-        return loss - loss_float <= tolerance * abs(loss_float)
-
-    if increase <= 0 or not units or (tolerable(loss_quant) and not free):
+    if increase <= tolerance * abs(loss_float) or not units:
         return {}
 
     def without(keys: list[str]) -> float:
@@ -115,17 +100,13 @@ def auto_keep(
             for k in keys:
                 qs[k].mode = Mode.QUANT
 
-    if tolerable(loss_quant):
-        units = {u: keys for u, keys in units.items() if u in free}
     gains = {u: (loss_quant - without(keys)) / increase
              for u, keys in tqdm(units.items(), desc="auto-keep", unit="tensor", disable=not progress)}  # fmt: skip
     kept: dict[str, str] = {}
     current = loss_quant
     for unit in sorted(gains, key=gains.get, reverse=True):
-        if len(kept) >= max_keep or gains[unit] < min_gain:
+        if len(kept) >= max_keep or gains[unit] < min_gain or current - loss_float <= tolerance * abs(loss_float):
             break
-        if unit not in free and tolerable(current):
-            continue  # tolerable now: only units that cost no run time are still worth keeping
         for k in units[unit]:
             qs[k].mode = Mode.OFF
         new = calib_loss(model, batches)
@@ -137,7 +118,6 @@ def auto_keep(
         kept[unit] = (
             f"measured: float here removes {share:.0%} of the detection-loss increase from quantization "
             f"(calibration loss {current:.4f} -> {new:.4f}; float model {loss_float:.4f})"
-            + ("; it only requantized the outputs, so float costs no run time" if unit in free else "")
         )
         current = new
     return kept
