@@ -76,6 +76,23 @@ def test_lower_bits_cost_accuracy_and_bytes(fitted_tiny, calib):
     assert sizes[4] == pytest.approx(sizes[8] / 2) and sizes[2] == pytest.approx(sizes[8] / 4)
 
 
+def test_adaround_rounds_int8_weights_too_when_asked_and_never_worse_than_nearest(fitted_tiny, calib):
+    kw = {"auto_keep": False, "bias_correction": False, "adaround_iters": 30}
+    default = quantize(copy.deepcopy(fitted_tiny), _cfg(**kw), calib=calib, progress=False)
+    assert "adaround" not in default.steps  # None: only grids below 8 bits, and W8 has none
+    model = copy.deepcopy(fitted_tiny)
+    r = quantize(model, _cfg(adaround=True, **kw), calib=calib, progress=False)
+    errors = r.steps["adaround"]["output_mse"]
+    assert r.steps["adaround"]["layers"] == len(errors) == len([b for b in r.weight_bits.values() if b == 8])
+    assert all(e["adaround"] <= e["nearest"] for e in errors.values())
+    improved = [n for n, e in errors.items() if e["adaround"] < e["nearest"]]  # the others: rounded to nearest
+    assert improved and sum(e["adaround"] for e in errors.values()) < sum(e["nearest"] for e in errors.values())
+    for name in improved:  # the learned rounding is written into the weights, on the int8 grid
+        layer = model.get_submodule(name)
+        q = layer.weight.detach() / layer.weight_quant.scale.detach().reshape(-1, 1, 1, 1)
+        assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127 + 1e-3, name
+
+
 def test_overrides_and_keep_float_by_regex(fitted_tiny, calib):
     model = copy.deepcopy(fitted_tiny)
     cfg = _cfg(overrides={r"backbone\..*": {"weight_bits": 4}}, keep_float=["heads.0.cls_pred"],

@@ -87,7 +87,8 @@ class QuantConfig(BaseModel):
     runtime_aware: bool = True
     #: correct the expected output shift that weight rounding causes (Nagel et al., ICCV 2019)
     bias_correction: bool = True
-    #: learned rounding (AdaRound, Nagel et al., ICML 2020); None: on for weights below 8 bits
+    #: learned rounding (AdaRound, Nagel et al., ICML 2020) of every weight grid; None: only where some
+    #: weights are below 8 bits, and then only those
     adaround: bool | None = None
     adaround_iters: int = Field(300, ge=1)
     #: learnable step sizes for quantization-aware training (LSQ); train afterwards

@@ -138,7 +138,9 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
 
     low_bits = any(s["bits"] < 8 for s in specs.values() if s["kind"] == "weight")
     if cfg.adaround if cfg.adaround is not None else low_bits:
-        steps["adaround"] = ptq.adaround(model, points, batches, iters=cfg.adaround_iters, progress=progress)
+        below = 9 if cfg.adaround else 8  # asked for explicitly: every grid, int8 included
+        steps["adaround"] = ptq.adaround(model, points, batches, iters=cfg.adaround_iters, below_bits=below,
+                                         progress=progress)  # fmt: skip
     if cfg.bias_correction:
         steps["bias_correction"] = ptq.bias_correction(model, points, batches)
     if not cfg.mixed_precision:
