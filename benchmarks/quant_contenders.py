@@ -105,7 +105,7 @@ def time_onnx_interleaved(
     runs: int = 200,
     seed: int = 0,
 ) -> InterleavedLatency:
-    """Time ONNX Runtime CPU sessions of ``onnx_files`` interleaved (A, B, C, A, B, C, ...) at batch 1.
+    """Time ONNX Runtime CPU sessions of ``onnx_files`` interleaved (``time_interleaved``) at batch 1.
 
     Every session gets the same random batch-1 input; files must share the input shape.
 

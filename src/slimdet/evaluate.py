@@ -2,7 +2,7 @@
 
 ``evaluate(model, dataset)`` predicts every image, maps the boxes from the letterboxed network
 input back to the original image, and scores them against ``dataset.coco_gt`` with COCOeval.
-``coco_map(coco_gt, detections)`` is the scoring step alone.
+``predict`` is the prediction step alone and ``coco_map(coco_gt, detections)`` the scoring step alone.
 """
 
 from __future__ import annotations
@@ -52,29 +52,14 @@ def coco_map(coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> E
         DatasetError: the ground truth has no annotations, or a detection names an image or
             category that is not in it.
     """
-    gt = _complete_gt(coco_gt)
-    if not gt["annotations"]:
-        raise DatasetError("coco_gt has no annotations: mAP is undefined without ground-truth boxes")
-    image_ids = {img["id"] for img in gt["images"]}
+    gt = check_detections(coco_gt, detections)
     cat_names = {c["id"]: c["name"] for c in gt["categories"]}
-    for i, d in enumerate(detections):
-        if d["image_id"] not in image_ids:
-            raise DatasetError(f"detection {i}: image_id {d['image_id']} is not an image of coco_gt")
-        if d["category_id"] not in cat_names:
-            raise DatasetError(
-                f"detection {i}: category_id {d['category_id']} is not a category of coco_gt "
-                f"(known: {sorted(cat_names)})"
-            )
     with_gt = sorted({a["category_id"] for a in gt["annotations"]})
     if not detections:  # COCO.loadRes cannot load an empty list; every AP is 0
         return EvalResult(0.0, 0.0, {cat_names[c]: 0.0 for c in with_gt}, len(gt["images"]), 0)
 
+    ev = cocoeval(coco_gt, detections)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and summaries
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        dets = coco.loadRes([_plain_detection(d) for d in detections])
-        ev = COCOeval(coco, dets, iouType="bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -95,6 +80,40 @@ def coco_map(coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> E
     )
 
 
+def check_detections(coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ground truth completed for pycocotools, after checking it and that every detection names one
+    of its images and categories.
+
+    Raises:
+        DatasetError: the ground truth has no annotations, or a detection names an image or
+            category that is not in it.
+    """
+    gt = _complete_gt(coco_gt)
+    if not gt["annotations"]:
+        raise DatasetError("coco_gt has no annotations: mAP is undefined without ground-truth boxes")
+    image_ids = {img["id"] for img in gt["images"]}
+    cat_names = {c["id"]: c["name"] for c in gt["categories"]}
+    for i, d in enumerate(detections):
+        if d["image_id"] not in image_ids:
+            raise DatasetError(f"detection {i}: image_id {d['image_id']} is not an image of coco_gt")
+        if d["category_id"] not in cat_names:
+            raise DatasetError(
+                f"detection {i}: category_id {d['category_id']} is not a category of coco_gt "
+                f"(known: {sorted(cat_names)})"
+            )
+    return gt
+
+
+def cocoeval(coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> COCOeval:
+    """A box COCOeval of ``detections`` (not empty, checked by the caller) on ``coco_gt``, not yet run."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = _complete_gt(coco_gt)
+        coco.createIndex()
+        dets = coco.loadRes([_plain_detection(d) for d in detections])
+    return COCOeval(coco, dets, iouType="bbox")
+
+
 def evaluate(
     model: Detector,
     dataset: Any,
@@ -108,7 +127,7 @@ def evaluate(
 ) -> EvalResult:
     """COCO mAP of ``model`` on ``dataset`` (a slimdet DetectionDataset or anything with its contract).
 
-    Detections are mapped from the network-input frame to the original image with each target's
+    Detections (``predict``) are mapped from the network-input frame to the original image with each target's
     letterbox (orig = (input - pad) / scale, clipped to the image) and their labels to
     ``dataset.cat_ids``; the model's training flag is restored afterwards. As in the COCO
     benchmark, COCOeval scores at most 100 detections per image whatever ``max_det`` is.
@@ -117,6 +136,32 @@ def evaluate(
     contiguous share of the images, the detections are gathered in image order (as one process
     would list them) and scored once, on rank 0, and every rank returns that result.
     """
+    if distributed:
+        from slimdet import distributed as dist
+
+        share = np.array_split(np.arange(len(dataset)), dist.world_size())[dist.rank()]
+        part = predict(model, dataset, indices=share.tolist(), batch_size=batch_size, conf_thres=conf_thres,
+                       iou_thres=iou_thres, max_det=max_det, progress=progress)  # fmt: skip
+        detections = [d for rank_part in dist.all_gather_objects(part) for d in rank_part]
+        return dist.run_on_main(lambda: coco_map(dataset.coco_gt, detections))
+    detections = predict(model, dataset, batch_size=batch_size, conf_thres=conf_thres, iou_thres=iou_thres,
+                         max_det=max_det, progress=progress)  # fmt: skip
+    return coco_map(dataset.coco_gt, detections)
+
+
+def predict(
+    model: Detector,
+    dataset: Any,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 16,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 100,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """COCO-format detections (image_id, category_id, xywh bbox in original pixels, score) of ``model``
+    on ``dataset`` (or on its images at ``indices``), in image order; what ``evaluate`` scores."""
     num_classes = len(dataset.cat_ids)
     if getattr(model, "num_classes", num_classes) != num_classes:
         raise ConfigError(
@@ -127,14 +172,8 @@ def evaluate(
         raise ConfigError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    if distributed:
-        from slimdet import distributed as dist
-
-        share = np.array_split(np.arange(len(dataset)), dist.world_size())[dist.rank()]
-        dataset_part: Any = Subset(dataset, share.tolist())
-    else:
-        dataset_part = dataset
-    loader = DataLoader(dataset_part, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    part = dataset if indices is None else Subset(dataset, list(indices))
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
     detections: list[dict[str, Any]] = []
     was_training = model.training
@@ -147,10 +186,7 @@ def evaluate(
                     detections.extend(_to_coco(pred, target, dataset.cat_ids))
     finally:
         model.train(was_training)
-    if distributed:
-        detections = [d for part in dist.all_gather_objects(detections) for d in part]
-        return dist.run_on_main(lambda: coco_map(dataset.coco_gt, detections))
-    return coco_map(dataset.coco_gt, detections)
+    return detections
 
 
 def to_original_frame(boxes: Tensor, letterbox: Sequence[float], orig_size: Sequence[int]) -> Tensor:

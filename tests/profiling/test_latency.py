@@ -15,11 +15,22 @@ def test_torch_threads_sets_and_restores():
     assert torch.get_num_threads() == before
 
 
-def test_time_interleaved_alternates_after_warmup():
-    calls = []
-    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, runs=3)
-    assert calls == ["a", "b"] * 5
-    assert [len(v) for v in times.values()] == [3, 3]
+def test_time_interleaved_runs_each_once_per_round_in_a_seeded_random_order_after_warmup():
+    def run(seed: int) -> tuple[list[str], dict[str, list[float]]]:
+        calls: list[str] = []
+        fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+        return calls, time_interleaved(fns, warmup=2, runs=40, seed=seed)
+
+    calls, times = run(0)
+    assert calls[:6] == list("abc") * 2  # warm-up
+    rounds = [tuple(calls[i : i + 3]) for i in range(6, len(calls), 3)]
+    assert len(rounds) == 40 and all(sorted(r) == list("abc") for r in rounds)
+    # every contender is timed in every position, after every other one: no fixed predecessor
+    assert all({r[k] for r in rounds} == set("abc") for k in range(3))
+    pairs = {(r[0], r[1]) for r in rounds} | {(r[1], r[2]) for r in rounds}
+    assert pairs == {(x, y) for x in "abc" for y in "abc" if x != y}
+    assert run(0)[0] == calls and run(1)[0] != calls
+    assert [len(v) for v in times.values()] == [40, 40, 40]
     assert all(t >= 0 for v in times.values() for t in v)
 
 

@@ -5,7 +5,8 @@
   :func:`slimdet.export.qdq.export_deployable`, or any given ``.onnx`` file), or on a GPU through ONNX
   Runtime's CUDA / TensorRT execution providers (fp16; int8 from the QDQ file). A provider this machine
   does not have raises :class:`ProviderUnavailableError` with the reason (:func:`provider_status` says
-  so first). Several models are timed interleaved (A, B, A, B, ...) so that machine noise hits them alike.
+  so first). Several models are timed interleaved (each once per round, in a random order) so that machine
+  noise hits them alike.
 * :func:`profile_nodes`: per-node kernel times from ONNX Runtime's profiler, mapped back to the layer
   names of the model where the exported node names carry them (TorchScript export scopes).
 * :func:`calibrate`: fit ``compute_efficiency``, ``memory_efficiency`` and ``op_overhead_s`` of a

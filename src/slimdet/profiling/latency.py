@@ -55,18 +55,25 @@ def time_interleaved(
     warmup: int,
     runs: int,
     on_step: Callable[[], None] | None = None,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
-    """Time each callable ``runs`` times in turn (A, B, A, B, ...) after ``warmup`` untimed calls each.
+    """Time each callable ``runs`` times in rounds (each once per round) after ``warmup`` untimed calls each.
 
     Interleaving makes slow drifts of the machine (frequency, other load) hit every contender alike.
+    Each round runs the callables in a fresh random order (``seed``): in a fixed order, the one timed
+    right after a large model pays for the caches that model evicted (yolo-s: two identical int8 files
+    timed 1.99x and 2.06x over FP32, the first right after FP32; 2.00x and 2.00x shuffled).
     Returns the per-call wall-clock seconds (time.perf_counter) for each name.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
+    rng = np.random.default_rng(seed)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        for name, fn in fns.items():
+        for i in rng.permutation(len(names)):
+            name, fn = names[i], fns[names[i]]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
