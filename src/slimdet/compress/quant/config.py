@@ -71,8 +71,9 @@ class QuantConfig(BaseModel):
     #: On an 8-bit grid the class scores collapse to a few dozen values and tie across images (yolo-s,
     #: 500 val images: 36 distinct scores above 0.5 vs 2,072 in float), which blurs the ranking mAP is
     #: computed from (yolo-s test mAP@[.5:.95] 0.8026 vs 0.8006 with integer outputs). ONNX Runtime runs
-    #: those small convs in float, which costs about 4% of yolo-s's int8 latency at 1 thread (2.02x vs
-    #: 2.11x over FP32, interleaved). False: every tensor integer (golden model, hw package)
+    #: those small convs in float, which costs about 2% of yolo-s's int8 latency at 1 thread (two files of
+    #: this structure 1.98x and 2.02x over FP32 vs 2.04x, one run interleaved in random order). False: every
+    #: tensor integer (golden model, hw package)
     float_outputs: bool = True
     #: measure which tail layers break detection at low precision and keep them in float
     auto_keep: bool = True
