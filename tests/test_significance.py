@@ -40,6 +40,14 @@ def test_map50_is_cocoevals_on_the_set(seed):
     assert 0.1 < map50(gt, dets) < 0.95  # neither trivial case
 
 
+def test_a_class_without_detections_scores_zero_as_in_cocoeval():
+    gt, dets = _scene(0)
+    gt["categories"].append({"id": 9, "name": "never detected"})
+    gt["annotations"].append({"image_id": 1, "category_id": 9, "bbox": [1.0, 1.0, 5.0, 5.0]})
+    assert map50(gt, dets) == pytest.approx(coco_map(gt, dets).map50, abs=1e-12)
+    assert map50(gt, []) == coco_map(gt, []).map50 == 0.0
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_resample_scores_as_cocoeval_scores_the_images_copied_that_many_times(seed):
     gt, dets = _scene(seed, ties=False)  # copies of tied detections would interleave in COCOeval's order

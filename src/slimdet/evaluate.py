@@ -58,7 +58,7 @@ def coco_map(coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> E
     if not detections:  # COCO.loadRes cannot load an empty list; every AP is 0
         return EvalResult(0.0, 0.0, {cat_names[c]: 0.0 for c in with_gt}, len(gt["images"]), 0)
 
-    ev = cocoeval(coco_gt, detections)
+    ev = cocoeval(gt, detections)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and summaries
         ev.evaluate()
         ev.accumulate()
@@ -104,11 +104,11 @@ def check_detections(coco_gt: dict[str, Any], detections: Sequence[dict[str, Any
     return gt
 
 
-def cocoeval(coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> COCOeval:
-    """A box COCOeval of ``detections`` (not empty, checked by the caller) on ``coco_gt``, not yet run."""
+def cocoeval(gt: dict[str, Any], detections: Sequence[dict[str, Any]]) -> COCOeval:
+    """A box COCOeval, not yet run, of ``detections`` (not empty) on ``gt`` as ``check_detections`` returns it."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
-        coco.dataset = _complete_gt(coco_gt)
+        coco.dataset = gt
         coco.createIndex()
         dets = coco.loadRes([_plain_detection(d) for d in detections])
     return COCOeval(coco, dets, iouType="bbox")

@@ -51,20 +51,20 @@ class _Matches:
     """One run's detections, matched by COCOeval at IoU 0.5, ready to be scored on any image multiset."""
 
     def __init__(self, coco_gt: dict[str, Any], detections: Detections) -> None:
-        coco_gt = check_detections(coco_gt, detections)
-        images = sorted(int(im["id"]) for im in coco_gt["images"])
-        cats = sorted(int(c["id"]) for c in coco_gt["categories"])
+        gt = check_detections(coco_gt, detections)
+        images = sorted(int(im["id"]) for im in gt["images"])
+        column = {cat: k for k, cat in enumerate(sorted(int(c["id"]) for c in gt["categories"]))}
         row = {image: i for i, image in enumerate(images)}
-        self.gt_count = np.zeros((len(images), len(cats)))  # non-ignored ground truth per image and class
-        for ann in coco_gt["annotations"]:
+        self.gt_count = np.zeros((len(images), len(column)))  # non-ignored ground truth per image and class
+        for ann in gt["annotations"]:
             if not ann.get("iscrowd", 0):
-                self.gt_count[row[int(ann["image_id"])], cats.index(int(ann["category_id"]))] += 1
+                self.gt_count[row[int(ann["image_id"])], column[int(ann["category_id"])]] += 1
         self.per_class: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (image row, tp, fp) by score
         if not detections:
             empty = np.zeros(0)
-            self.per_class = [(empty.astype(int), empty, empty) for _ in cats]
+            self.per_class = [(empty.astype(int), empty, empty) for _ in column]
             return
-        ev = cocoeval(coco_gt, detections)
+        ev = cocoeval(gt, detections)
         ev.params.iouThrs = np.array([0.5])
         ev.params.areaRng, ev.params.areaRngLbl, ev.params.maxDets = [[0, 1e10]], ["all"], [100]
         with contextlib.redirect_stdout(io.StringIO()):
@@ -94,6 +94,9 @@ class _Matches:
         aps = []
         for k, (rows, tp, fp) in enumerate(self.per_class):
             if gt[k] == 0:
+                continue
+            if not len(rows):  # ground truth, no detection: COCOeval's precision is 0 at every recall
+                aps.append(0.0)
                 continue
             w = weights[rows]
             tps, fps = np.cumsum(w * tp), np.cumsum(w * fp)

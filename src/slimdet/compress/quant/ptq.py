@@ -18,14 +18,14 @@ from slimdet.models.base import Detector
 _ZETA, _GAMMA = 1.1, -0.1
 
 
-def _layers(model: Detector, points: list[Point], *, below_bits: int) -> list[tuple[str, nn.Module]]:
+def _layers(model: Detector, points: list[Point], *, max_bits: int) -> list[tuple[str, nn.Module]]:
     out = []
     for p in points:
         if p.kind != "weight":
             continue
         layer = model.get_submodule(p.layer)
         wq = layer.weight_quant
-        if wq.mode == Mode.QUANT and wq.scale_type in (ScaleType.UNIFORM, ScaleType.POW2) and wq.bits < below_bits:
+        if wq.mode == Mode.QUANT and wq.scale_type in (ScaleType.UNIFORM, ScaleType.POW2) and wq.bits <= max_bits:
             out.append((p.layer, layer))
     return out
 
@@ -60,17 +60,17 @@ def _inputs(model: Detector, layer: nn.Module, batches: Calib, max_images: int) 
 
 def adaround(
     model: Detector, points: list[Point], batches: Calib, *, iters: int = 300, max_images: int = 32,
-    batch_size: int = 4, reg: float = 0.01, below_bits: int = 8, progress: bool = True,
+    batch_size: int = 4, reg: float = 0.01, max_bits: int = 7, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """Learned rounding of every uniform or power-of-two weight grid below ``below_bits`` bits (9: int8
-    too), layer by layer in graph order.
+    """Learned rounding of every uniform or power-of-two weight grid of at most ``max_bits`` bits, layer
+    by layer in graph order.
 
     Each layer's rounding (up or down per weight) is optimised to reproduce the float layer's
     output on the inputs it sees in the already-rounded model, with AdaRound's regulariser pushing
     every soft rounding to 0 or 1 (Nagel et al., ICML 2020). The result is written into the weight
     (it lies on the grid), so the state dict carries it.
     """
-    layers = _layers(model, points, below_bits=below_bits)
+    layers = _layers(model, points, max_bits=max_bits)
     errors = {}
     for name, layer in tqdm(layers, desc="adaround", unit="layer", disable=not progress):
         x = _inputs(model, layer, batches, max_images)

@@ -138,8 +138,8 @@ def quantize(model: Detector, cfg: QuantConfig, *, calib: Calib | None, progress
 
     low_bits = any(s["bits"] < 8 for s in specs.values() if s["kind"] == "weight")
     if cfg.adaround if cfg.adaround is not None else low_bits:
-        below = 9 if cfg.adaround else 8  # asked for explicitly: every grid, int8 included
-        steps["adaround"] = ptq.adaround(model, points, batches, iters=cfg.adaround_iters, below_bits=below,
+        max_bits = 8 if cfg.adaround else 7  # asked for explicitly: every grid, int8 included
+        steps["adaround"] = ptq.adaround(model, points, batches, iters=cfg.adaround_iters, max_bits=max_bits,
                                          progress=progress)  # fmt: skip
     if cfg.bias_correction:
         steps["bias_correction"] = ptq.bias_correction(model, points, batches)
