@@ -256,6 +256,64 @@ def test_raw_predictions_are_never_clipped_even_before_their_concatenation(fitte
         assert float((q.qmax - q.zero_point) * q.scale) >= float(hi) - half_step
 
 
+def _span(q):
+    return float((q.qmin - q.zero_point) * q.scale), float((q.qmax - q.zero_point) * q.scale)
+
+
+def test_concatenations_and_their_inputs_share_a_grid_that_clips_nothing_more(fitted_tiny, calib):
+    from slimdet.compress.quant.graph import concatenations
+
+    spans, models, results = {}, {}, {}
+    for share in (False, True):
+        model = copy.deepcopy(fitted_tiny)
+        results[share] = quantize(model, _cfg(auto_keep=False, bias_correction=False, share_concat_grids=share),
+                                  calib=calib, progress=False)  # fmt: skip
+        qs = quantizers(model)
+        spans[share] = {k: _span(q) for k, q in qs.items() if q.kind == "act"}
+        models[share] = model
+    assert "shared_concat_grids" not in results[False].steps
+    shared = results[True].steps["shared_concat_grids"]
+    assert shared, "yolo-test's C2f blocks concatenate quantized tensors"
+    qs = quantizers(models[True])
+    by_label = {q.label: k for k, q in qs.items() if q.kind == "act"}
+    for cat, inputs in shared.items():
+        cat_key = by_label[cat]
+        assert cat_key in {c for c, _ in concatenations(models[True])}
+        lo, hi = spans[True][cat_key]
+        for label in inputs:
+            q = qs[by_label[label]]
+            assert float(q.scale) == float(qs[cat_key].scale) and int(q.zero_point) == int(qs[cat_key].zero_point)
+            own_lo, own_hi = spans[False][by_label[label]]  # the range its own calibration chose
+            half_step = 0.5 * float(q.scale) + 1e-6  # the zero point is rounded to an integer
+            assert lo <= own_lo + half_step and hi >= own_hi - half_step  # covered: nothing clipped more
+            assert (hi - lo) <= 2.0 * (own_hi - own_lo) * (1 + 1e-5)  # at most one bit coarser
+    # tensors in no concatenation keep the grid their own calibration chose
+    joined = {by_label[c] for c in shared} | {by_label[x] for xs in shared.values() for x in xs}
+    for key, span in spans[False].items():
+        if key not in joined and key in spans[True]:
+            assert spans[True][key] == pytest.approx(span)
+
+
+def test_an_input_far_narrower_than_its_concatenation_keeps_its_own_grid(fitted_tiny, calib):
+    from slimdet.compress.quant.graph import concatenations
+    from slimdet.compress.quant.quantize import share_concat_grids
+
+    model = copy.deepcopy(fitted_tiny)
+    quantize(model, _cfg(auto_keep=False, bias_correction=False, share_concat_grids=False), calib=calib,
+             progress=False)  # fmt: skip
+    qs = quantizers(model)
+    cat_key, in_keys = next((c, ins) for c, ins in concatenations(model) if len(set(ins)) >= 2)
+    narrow, other = list(dict.fromkeys(in_keys))[:2]
+    lo, hi = _span(qs[other])
+    qs[narrow].set_range(lo / 10, hi / 10)  # a tenth of its neighbour's range: sharing would cost 3+ bits
+    qs[cat_key].set_range(lo, hi)
+    before = _span(qs[narrow])
+    shared = share_concat_grids(model)
+    assert qs[narrow].label not in shared.get(qs[cat_key].label, [])
+    assert _span(qs[narrow]) == before
+    assert qs[other].label in shared[qs[cat_key].label] and _span(qs[other]) == _span(qs[cat_key])
+
+
 def _points(model):
     from slimdet.compress.quant.graph import Point
 

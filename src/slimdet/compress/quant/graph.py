@@ -326,6 +326,38 @@ def output_keys(model: nn.Module) -> set[str]:
     return found
 
 
+def grid_root(q: Quantizer) -> Quantizer:
+    """The quantizer whose grid ``q`` is on (itself, or the source at the end of a shared chain)."""
+    while q.source is not None:
+        q = q.source
+    return q
+
+
+def concatenations(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """Every concatenation of the quantized graph: (key of its output's quantizer, keys of the grids its
+    inputs are on), in graph order. Inputs on no grid (float tensors) are left out."""
+    gm = getattr(model, "_quant_graph", None)
+    if gm is None:
+        return []
+    qs = quantizers(model)
+    key_of = {id(q): k for k, q in qs.items()}
+
+    def grid_key(node: object) -> str | None:
+        if isinstance(node, fx.Node) and node.op == "call_module" and str(node.target).startswith("quant."):
+            return key_of[id(grid_root(qs[node.target.split(".", 1)[1]]))]
+        return None
+
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.cat:
+            continue
+        outs = [k for k in map(grid_key, node.users) if k is not None]
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        if len(outs) == 1 and len(node.users) == 1:
+            found.append((outs[0], [k for k in map(grid_key, tensors) if k is not None]))
+    return found
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True for a model whose forward runs the quantized graph of :func:`build`."""
     return getattr(model, "_quant_graph", None) is not None
