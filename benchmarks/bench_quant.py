@@ -9,7 +9,8 @@ images (train split) for every contender, repeated on ``--calib-sets`` disjoint 
 (differences between the contenders are a few hundredths of a point: one set alone cannot rank them):
 
 * ``slimdet``: ``QuantConfig()`` defaults (per-channel int8 weights, uint8 activations, percentile
-  calibrator, bias correction, raw predictions in float, detector-aware float tail), exported as QDQ ONNX;
+  calibrator, SiLU inputs clipped where SiLU stops mattering, concatenations on their inputs' grid,
+  bias correction, raw predictions in float, detector-aware float tail), exported as QDQ ONNX;
 * ``slimdet-adaround8``: the same plus learned rounding of the int8 weights (``adaround=True``), about 4x
   slower to quantize; it scored a higher val mAP@.5 than the defaults on each calibration set (0.9687 vs
   0.9683, NNCF 0.9682), so it is measured on test too;

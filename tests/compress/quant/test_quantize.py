@@ -314,6 +314,47 @@ def test_an_input_far_narrower_than_its_concatenation_keeps_its_own_grid(fitted_
     assert qs[other].label in shared[qs[cat_key].label] and _span(qs[other]) == _span(qs[cat_key])
 
 
+def test_silu_tail_bound_holds_for_every_input_below_it():
+    from slimdet.compress.quant.quantize import _silu_tail
+
+    for tol in (1e-4, 0.003, 0.02, 0.3):
+        t = _silu_tail(tol)
+        x = -torch.logspace(0, 2, 2000, dtype=torch.float64)  # -1 .. -100
+        below = x[x <= -t]
+        assert float(torch.nn.functional.silu(below).abs().max()) <= tol
+        tighter = float(torch.nn.functional.silu(torch.tensor(-t + 0.05)).abs())  # the bound is not loose
+        assert t == pytest.approx(1.2785, abs=1e-3) or tighter > tol
+
+
+def test_silu_inputs_are_clipped_where_silu_output_stops_mattering(fitted_tiny, calib):
+    from slimdet.compress.quant.graph import silu_inputs
+    from slimdet.compress.quant.quantize import clip_silu_inputs
+
+    model = copy.deepcopy(fitted_tiny)
+    result = quantize(model, _cfg(auto_keep=False, bias_correction=False, clip_silu_inputs=False), calib=calib,
+                      progress=False)  # fmt: skip
+    assert "clipped_silu_inputs" not in result.steps
+    qs = quantizers(model)
+    pairs = silu_inputs(model)
+    assert len(pairs) == sum(isinstance(m, nn.SiLU) for m in fitted_tiny.modules())  # every SiLU of yolo-test
+    (wide, wide_out), (narrow, _) = pairs[0], pairs[1]
+    lo, hi = _span(qs[wide])
+    qs[wide].set_range(-40.0, hi)  # a long negative tail, as a conv output often has
+    qs[narrow].set_range(-1.0, hi)  # already above where SiLU's output stops mattering
+    before = {k: _span(q) for k, q in qs.items() if q.kind != "weight"}
+    clipped = clip_silu_inputs(model)
+    assert qs[wide].label in clipped and qs[narrow].label not in clipped
+    floor = clipped[qs[wide].label]
+    new_lo, new_hi = _span(qs[wide])
+    step = float(qs[wide].scale)
+    assert -40.0 < floor < -3.0 and new_lo == pytest.approx(floor, abs=step) and new_hi == pytest.approx(hi, abs=step)
+    # below the new low end SiLU's output is within a quarter of its own step of 0
+    x = torch.linspace(-40.0, floor, 1000)
+    assert float(torch.nn.functional.silu(x).abs().max()) <= 0.25 * float(qs[wide_out].scale) + 1e-7
+    # nothing else moved: the tensors that feed something besides a SiLU, and the SiLU outputs
+    assert all(_span(q) == before[k] for k, q in qs.items() if k in before and q.label not in clipped)
+
+
 def _points(model):
     from slimdet.compress.quant.graph import Point
 

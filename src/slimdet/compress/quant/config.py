@@ -80,6 +80,10 @@ class QuantConfig(BaseModel):
     #: every input (yolo-s in ONNX Runtime, 1 thread: 2.12x over FP32 vs 2.03x; output distortion on val
     #: slightly lower, as the inputs are rounded once). QAT learns the step sizes apart again
     share_concat_grids: bool = True
+    #: raise the low end of each SiLU input's grid to where SiLU's output is within a quarter step of 0:
+    #: the positive values get a finer step (yolo-s: 23-29 of 57 inputs clipped, output distortion vs FP32
+    #: on val 4-10% lower on each of 3 calibration sets; val mAP@.5 the same within 0.05 points)
+    clip_silu_inputs: bool = True
     #: measure which tail layers break detection at low precision and keep them in float
     auto_keep: bool = True
     #: keep a tensor float only if that removes at least this fraction of the quantization loss increase

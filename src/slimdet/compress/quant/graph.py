@@ -358,6 +358,34 @@ def concatenations(model: nn.Module) -> list[tuple[str, list[str]]]:
     return found
 
 
+def silu_inputs(model: nn.Module) -> list[tuple[str, str]]:
+    """Every split SiLU whose input feeds nothing else: (key of the input's quantizer, key of the product's)."""
+    gm = getattr(model, "_quant_graph", None)
+    if gm is None:
+        return []
+
+    def key(node: fx.Node) -> str | None:
+        if node.op == "call_module" and str(node.target).startswith("quant."):
+            return node.target.split(".", 1)[1]
+        return None
+
+    found = []
+    for node in gm.graph.nodes:
+        if key(node) is None or len(node.users) != 2:
+            continue
+        sig = next((u for u in node.users if u.target is torch.sigmoid), None)
+        mul = next((u for u in node.users if u.target is operator.mul), None)
+        if sig is None or mul is None or len(sig.users) != 1:
+            continue
+        sig_q = next(iter(sig.users))
+        if key(sig_q) is None or set(mul.args) != {node, sig_q} or len(mul.users) != 1:
+            continue
+        out = key(next(iter(mul.users)))
+        if out is not None:
+            found.append((key(node), out))
+    return found
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True for a model whose forward runs the quantized graph of :func:`build`."""
     return getattr(model, "_quant_graph", None) is not None

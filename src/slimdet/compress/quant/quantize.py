@@ -10,6 +10,7 @@ resolved per-tensor settings, so ``load_model`` rebuilds the same quantized grap
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from slimdet.compress.quant.graph import (
     output_keys,
     quantizers,
     set_mode,
+    silu_inputs,
 )
 from slimdet.compress.quant.quantizers import Mode, Quantizer, ScaleType
 from slimdet.errors import CheckpointError, ConfigError
@@ -300,6 +302,8 @@ def _calibrate(
         lo, hi = calibrate(q.observer, method, bits=q.bits, symmetric=q.symmetric, **opts)
         q.set_range(lo, hi)
         q.observer = None
+    if cfg.clip_silu_inputs:
+        steps["clipped_silu_inputs"] = clip_silu_inputs(model)
     for p in points:
         if p.kind == "weight":
             q = qs[p.key]
@@ -332,6 +336,41 @@ def _bias_headroom(model: Detector) -> None:
             hi = float((q.qmax - q.zero_point) * q.scale)
             factor = min_scale / float(q.scale)
             q.set_range(lo * factor, hi * factor)
+
+
+@torch.no_grad()
+def clip_silu_inputs(model: Detector) -> dict[str, float]:
+    """Raise the low end of each SiLU input's grid to where SiLU's output stops mattering.
+
+    Below about -7, ``SiLU(x) = x * sigmoid(x)`` is within a fraction of a step of 0 on any 8-bit output
+    grid, yet a calibrator sizes the input's grid for the whole negative tail of the conv's output.
+    Clipping that tail changes the SiLU's output by at most a quarter of its own step and gives the
+    positive values, the ones that pass, a finer step. Only inputs that feed the SiLU alone are
+    changed. Returns {input's label: new low end}.
+    """
+    qs = quantizers(model)
+    clipped = {}
+    for in_key, out_key in silu_inputs(model):
+        q, out = qs[in_key], qs[out_key]
+        if q.mode != Mode.QUANT or out.mode != Mode.QUANT or q.per_channel or q.fp16 or out.fp16:
+            continue
+        if q.scale_type not in (ScaleType.UNIFORM, ScaleType.POW2):
+            continue
+        lo, hi = float((q.qmin - q.zero_point) * q.scale), float((q.qmax - q.zero_point) * q.scale)
+        floor = -_silu_tail(0.25 * float(out.scale))
+        if floor > lo and hi > 0:
+            q.set_range(floor, hi)
+            clipped[q.label] = floor
+    return clipped
+
+
+def _silu_tail(tolerance: float) -> float:
+    """The smallest ``t`` (>= 1.2785, where SiLU has its minimum) with ``|SiLU(x)| <= tolerance`` for all x <= -t."""
+    lo, hi = 1.2785, 80.0
+    for _ in range(60):  # |SiLU(-t)| = t / (1 + e^t) falls monotonically past the minimum: bisection
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if mid / (1.0 + math.exp(mid)) <= tolerance else (mid, hi)
+    return hi
 
 
 #: a concatenation's inputs join its grid only if that widens their own calibrated range at most this
