@@ -91,6 +91,25 @@ def _data(offset: int = 0, split: str = "test"):  # noqa: ANN202
     return calib, load_dataset("digits-det", split, input_size=160)
 
 
+#: test images whose raw outputs are compared with the FP32 model's
+ERROR_IMAGES = 200
+
+
+def _raw_outputs(path: Path, images: list[np.ndarray]) -> list[np.ndarray]:
+    """The ONNX file's raw outputs (every output, flattened together) on each image, by ONNX Runtime."""
+    from slimdet.export.onnx import onnx_session
+
+    session = onnx_session(path, 2)
+    name = session.get_inputs()[0].name
+    return [np.concatenate([o.ravel() for o in session.run(None, {name: x})]) for x in images]
+
+
+def output_error(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Root-mean-square difference of the raw outputs from the reference's, relative to the reference's RMS."""
+    diff = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in zip(outputs, reference, strict=True))
+    return (diff / sum(float(np.sum(b.astype(np.float64) ** 2)) for b in reference)) ** 0.5
+
+
 def run_ptq(args: argparse.Namespace) -> dict:
     from quant_contenders import nncf_quantize, ort_quantize_static, time_onnx_interleaved
 
@@ -115,6 +134,8 @@ def run_ptq(args: argparse.Namespace) -> dict:
                                       "val_map50": [evaluate(baseline, val_ds, progress=False).map50],
                                       "size_bytes": fp32.stat().st_size}}  # fmt: skip
     files: dict[str, Path] = {"fp32": fp32}
+    error_images = [test_ds[i][0].unsqueeze(0).numpy() for i in range(min(ERROR_IMAGES, len(test_ds)))]
+    reference = _raw_outputs(fp32, error_images)
     for k in range(args.calib_sets):  # the same calibration images for every contender, k-th set
         calib, _ = _data(offset=k)
         images = torch.cat([b[0] for b in calib]).numpy()
@@ -128,7 +149,9 @@ def run_ptq(args: argparse.Namespace) -> dict:
             quant_s = time.perf_counter() - t0
             check = check_consistency(model, made[name], test_ds, raise_on_gap=False, progress=False)
             row = rows.setdefault(name, {"test_map50": [], "test_map": [], "val_map50": [], "test_map50_simulated": [],
-                                         "gap_points": [], "quantize_s": [], "kept_float": []})  # fmt: skip
+                                         "gap_points": [], "quantize_s": [], "kept_float": [],
+                                         "output_error": []})  # fmt: skip
+            row["output_error"].append(output_error(_raw_outputs(made[name], error_images), reference))
             row["val_map50"].append(evaluate(OrtDetector(made[name], like=baseline), val_ds, progress=False).map50)
             detections.setdefault(name, []).append(predict(OrtDetector(made[name], like=baseline), test_ds,
                                                            progress=False))  # fmt: skip
@@ -140,7 +163,8 @@ def run_ptq(args: argparse.Namespace) -> dict:
             if name == "slimdet":
                 config = result.config
         for name, fn in (("ort-static", ort_quantize_static), ("nncf", nncf_quantize)):
-            row = rows.setdefault(name, {"test_map50": [], "test_map": [], "val_map50": [], "quantize_s": []})
+            row = rows.setdefault(name, {"test_map50": [], "test_map": [], "val_map50": [], "quantize_s": [],
+                                         "output_error": []})  # fmt: skip
             try:
                 t0 = time.perf_counter()
                 made[name] = Path(fn(fp32, out / f"{name}.onnx", images))
@@ -155,6 +179,7 @@ def run_ptq(args: argparse.Namespace) -> dict:
             row["test_map50"].append(scored.map50)
             row["test_map"].append(scored.map)
             row["val_map50"].append(evaluate(OrtDetector(made[name], like=baseline), val_ds, progress=False).map50)
+            row["output_error"].append(output_error(_raw_outputs(made[name], error_images), reference))
         if k == 0:
             files.update(made)
     for name, path in files.items():
@@ -168,6 +193,7 @@ def run_ptq(args: argparse.Namespace) -> dict:
         latency[str(threads)] = {"median_ms": {k: v * 1e3 for k, v in timed.median_s.items()}, "speedup": timed.speedup}
     return {"command": f"benchmarks/.venv-bench/bin/python benchmarks/bench_quant.py --part ptq --calib-sets {args.calib_sets}",
             "calib_images": CALIB_IMAGES, "calib_sets": args.calib_sets, "test_images": len(test_ds), "rows": rows,
+            "error_images": len(error_images),
             "latency": latency, "bootstrap": bootstrap, "slimdet_config": config,
             "environment": environment(threads=None)}  # fmt: skip
 
@@ -227,23 +253,28 @@ def render_ptq(p: dict) -> str:
         f"sets of {p['calib_images']} calibration images (train split, the same images for every contender); "
         f"test mAP@.5 on {p['test_images']} images as run by ONNX Runtime: mean over the sets and each set. "
         "Latency at batch 1 of the first set's files, every model timed interleaved with the FP32 model in one "
-        "process, each once per round in a fresh random order (median ms; speed-up = FP32 median / median).",
+        "process, each once per round in a fresh random order (median ms; speed-up = FP32 median / median). "
+        f"Output error: RMS of the raw outputs' difference from the FP32 model's on {p.get('error_images', 200)} "
+        "test images, relative to the FP32 outputs' RMS (mean over the sets; how closely each int8 file computes "
+        "what the float model does, a finer measure than mAP).",
         "",
         "| model | test mAP@.5 (mean) | Δ vs FP32 (points) | per calibration set | mAP@[.5:.95] (mean) | "
-        "val mAP@.5 (mean) | quantize | ONNX size | b1, 1 thread | speed-up | b1, 2 threads | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "val mAP@.5 (mean) | output error vs FP32 | quantize | ONNX size | b1, 1 thread | speed-up | b1, 2 threads | "
+        "speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         if "error" in r or not r["test_map50"]:
-            lines.append(f"| {name} | not run: {r.get('error', 'no result')} | | | | | | | | | | |")
+            lines.append(f"| {name} | not run: {r.get('error', 'no result')} | | | | | | | | | | | |")
             continue
         maps = r["test_map50"]
         m = sum(maps) / len(maps)
         l1, l2 = lat["1"], lat["2"]
-        coco, val, secs = (fmt.format(sum(r[k]) / len(r[k])) if r.get(k) else "–" for k, fmt in  # older runs: not kept
-                           (("test_map", "{:.4f}"), ("val_map50", "{:.4f}"), ("quantize_s", "{:.0f} s")))  # fmt: skip
+        coco, val, err, secs = (fmt.format(sum(r[k]) / len(r[k])) if r.get(k) else "–" for k, fmt in  # older runs
+                                (("test_map", "{:.4f}"), ("val_map50", "{:.4f}"), ("output_error", "{:.2%}"),
+                                 ("quantize_s", "{:.0f} s")))  # fmt: skip
         lines.append(f"| {name} | {m:.4f} | {100 * (m - fp):+.2f} | {' / '.join(f'{x:.4f}' for x in maps)} | {coco} | "
-                     f"{val} | {secs} | "
+                     f"{val} | {err} | {secs} | "
                      f"{r['size_bytes'] / 1e6:.2f} MB | {l1['median_ms'][name]:.2f} | {l1['speedup'][name]:.2f}x | "
                      f"{l2['median_ms'][name]:.2f} | {l2['speedup'][name]:.2f}x |")  # fmt: skip
     for name in (n for n in SLIMDET if n in rows):
