@@ -2,7 +2,8 @@
 
 Steps, in order: trace and fold BN, place quantizers (:mod:`.graph`); with a mixed-precision
 budget, measure each layer's sensitivity and choose its weight bits by an integer program
-(:mod:`.mixed`); calibrate activation ranges on the calibration batches and fit the weight grids;
+(:mod:`.mixed`); calibrate activation ranges on the calibration batches (SiLU inputs clipped where
+SiLU's output stops mattering; each concatenation and its inputs on one grid) and fit the weight grids;
 learned rounding for low-bit weights and bias correction (:mod:`.ptq`); find the tail layers where
 low precision breaks detection and keep them in float (:mod:`.keep`). The model records the
 resolved per-tensor settings, so ``load_model`` rebuilds the same quantized graph.
