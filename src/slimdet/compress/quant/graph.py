@@ -349,12 +349,12 @@ def concatenations(model: nn.Module) -> list[tuple[str, list[str]]]:
 
     found = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.cat:
+        if node.op != "call_function" or node.target is not torch.cat or len(node.users) != 1:
             continue
-        outs = [k for k in map(grid_key, node.users) if k is not None]
+        out = grid_key(next(iter(node.users)))
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-        if len(outs) == 1 and len(node.users) == 1:
-            found.append((outs[0], [k for k in map(grid_key, tensors) if k is not None]))
+        if out is not None:
+            found.append((out, [k for k in map(grid_key, tensors) if k is not None]))
     return found
 
 

@@ -109,6 +109,10 @@ class Quantizer(nn.Module):
         gran = f"per-channel({self.channels})" if self.per_channel else "per-tensor"
         return f"{self.label or '?'}: {kind}, {'signed' if self.signed else 'unsigned'}, {gran}, mode={self.mode}"
 
+    def grid_range(self) -> tuple[float, float]:
+        """The real values of the lowest and highest codes of a per-tensor grid."""
+        return float((self.qmin - self.zero_point) * self.scale), float((self.qmax - self.zero_point) * self.scale)
+
     # ----- setting the grid -------------------------------------------------------------------
     @torch.no_grad()
     def set_range(self, lo: Tensor | float, hi: Tensor | float) -> None:
