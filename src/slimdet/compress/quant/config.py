@@ -72,12 +72,12 @@ class QuantConfig(BaseModel):
     #: 500 val images: 36 distinct scores above 0.5 vs 2,072 in float), which blurs the ranking mAP is
     #: computed from (yolo-s test mAP@[.5:.95] 0.8026 vs 0.8006 with integer outputs). ONNX Runtime runs
     #: those small convs in float, which costs about 2% of yolo-s's int8 latency at 1 thread (two files of
-    #: this structure 1.98x and 2.02x over FP32 vs 2.04x, one run interleaved in random order). False: every
-    #: tensor integer (golden model, hw package)
+    #: this structure 1.98x and 2.02x over FP32 vs 2.04x on an AMD Zen 5, one run interleaved in random
+    #: order). False: every tensor integer (golden model, hw package)
     float_outputs: bool = True
     #: one grid for each concatenation and its inputs (the union of their calibrated ranges, unless that
     #: widens an input's more than 2x), so that the runtime concatenates by copying instead of requantizing
-    #: every input (yolo-s in ONNX Runtime, 1 thread: 2.09x over FP32 vs 2.02x; output distortion on val
+    #: every input (yolo-s in ONNX Runtime, 1 thread, AMD Zen 5: 2.09x over FP32 vs 2.02x; output distortion on val
     #: slightly lower, as the inputs are rounded once). QAT learns the step sizes apart again
     share_concat_grids: bool = True
     #: raise the low end of each SiLU input's grid to where SiLU's output is within a quarter step of 0:
