@@ -100,9 +100,8 @@ def _data(offset: int = 0, split: str = "test"):  # noqa: ANN202
 ERROR_IMAGES = 200
 #: images of the extended test set: the 1,000 test images and more from the same generator and test digit pool
 EXTENDED_TEST = 10000
-#: (slimdet row, contender) pairs bootstrapped on the extended test set, and the resamples of each
+#: (slimdet row, contender) pairs bootstrapped on the extended test set
 EXTENDED_PAIRS = [("slimdet", "nncf"), ("slimdet", "ort-static"), ("slimdet", "fp32")]
-EXTENDED_RESAMPLES = RESAMPLES
 
 
 def _extended_test(images: int, test_ds):  # noqa: ANN001, ANN202
@@ -110,8 +109,9 @@ def _extended_test(images: int, test_ds):  # noqa: ANN001, ANN202
 
     Every scene is drawn from a random stream seeded by (seed, split, index) and from the test split's
     digit pool, so the first images are the test split's own (checked here: the same ground truth,
-    and the first and last image byte for byte), and the rest are new scenes from the same distribution: a larger sample that
-    narrows the bootstrap interval of a difference in mAP, not a different benchmark.
+    and the first and last image byte for byte), and the rest are new scenes from the same
+    distribution: a larger sample that narrows the bootstrap interval of a difference in mAP, not a
+    different benchmark.
     """
     from slimdet.data import load_dataset
     from slimdet.data.builtin import DigitsDetConfig, build_digits_det
@@ -166,7 +166,6 @@ def run_ptq(args: argparse.Namespace) -> dict:
     rows: dict[str, dict] = {"fp32": {"test_map50": [fp32_eval.map50], "test_map": [fp32_eval.map],
                                       "val_map50": [evaluate(baseline, val_ds, progress=False).map50],
                                       "size_bytes": fp32.stat().st_size}}  # fmt: skip
-    files: dict[str, Path] = {"fp32": fp32}
     set_files: dict[str, list[Path]] = {}  # every set's file of each contender
     error_images = [test_ds[i][0].unsqueeze(0).numpy() for i in range(min(ERROR_IMAGES, len(test_ds)))]
     reference = _raw_outputs(fp32, error_images)
@@ -214,16 +213,15 @@ def run_ptq(args: argparse.Namespace) -> dict:
             row["test_map"].append(scored.map)
             row["val_map50"].append(evaluate(OrtDetector(made[name], like=baseline), val_ds, progress=False).map50)
             row["output_error"].append(output_error(_raw_outputs(made[name], error_images), reference))
-        if k == 0:
-            files.update(made)
         for name, path in made.items():
             set_files.setdefault(name, []).append(path)
+    files = {"fp32": fp32, **{name: paths[0] for name, paths in set_files.items()}}  # timed: the first set's
     for name, path in files.items():
         rows[name]["size_bytes"] = Path(path).stat().st_size
     bootstrap = {f"{a} vs {b}": paired_bootstrap(test_ds.coco_gt, detections[a], detections[b], resamples=RESAMPLES,
                                                  progress=False).to_dict()
                  for a, b in PAIRS if detections.get(a) and detections.get(b)}  # fmt: skip
-    extended = _run_extended(args.extended_test, test_ds, baseline, set_files) if args.extended_test else None
+    extended = _run_extended(args.extended_test, test_ds, baseline, set_files, detections) if args.extended_test else None
     latency = {}
     for threads in (1, 2):
         timed = time_onnx_interleaved(files, baseline="fp32", threads=threads, runs=args.runs)
@@ -238,24 +236,31 @@ def run_ptq(args: argparse.Namespace) -> dict:
             "environment": environment(threads=None)}  # fmt: skip
 
 
-def _run_extended(images: int, test_ds, baseline, set_files: dict[str, list[Path]]) -> dict:  # noqa: ANN001
+def _run_extended(images: int, test_ds, baseline, set_files: dict[str, list[Path]],  # noqa: ANN001
+                  test_detections: dict[str, list]) -> dict:
     """Test mAP of every contender's files (each calibration set) on the extended test set, by ONNX
-    Runtime (FP32: the float model), with paired bootstrap intervals for ``EXTENDED_PAIRS``."""
+    Runtime (FP32: the float model), with paired bootstrap intervals for ``EXTENDED_PAIRS``.
+
+    The extended set starts with the test split's images, so each file's test-split detections
+    (``test_detections``, same image ids) are reused and only the new images are predicted.
+    """
     from slimdet.evaluate import coco_map, predict
     from slimdet.models.onnx import OrtDetector
     from slimdet.significance import paired_bootstrap
 
     ext = _extended_test(images, test_ds)
-    detections = {"fp32": [predict(baseline, ext, progress=False)]}
+    new = range(len(test_ds), len(ext))
+    detections = {"fp32": [test_detections["fp32"][0] + predict(baseline, ext, indices=new, progress=False)]}
     for name, paths in set_files.items():
-        detections[name] = [predict(OrtDetector(p, like=baseline), ext, progress=False) for p in paths]
+        detections[name] = [known + predict(OrtDetector(p, like=baseline), ext, indices=new, progress=False)
+                            for known, p in zip(test_detections[name], paths, strict=True)]  # fmt: skip
         print(f"extended test: {name} predicted", file=sys.stderr)
     rows = {}
     for name, runs in detections.items():
         scored = [coco_map(ext.coco_gt, run) for run in runs]
         rows[name] = {"map50": [e.map50 for e in scored], "map": [e.map for e in scored]}
     bootstrap = {f"{a} vs {b}": paired_bootstrap(ext.coco_gt, detections[a], detections[b],
-                                                 resamples=EXTENDED_RESAMPLES, progress=False).to_dict()
+                                                 resamples=RESAMPLES, progress=False).to_dict()
                  for a, b in EXTENDED_PAIRS if detections.get(a) and detections.get(b)}  # fmt: skip
     return {"images": len(ext), "rows": rows, "bootstrap": bootstrap}
 
@@ -354,9 +359,7 @@ def render_ptq(p: dict) -> str:
                   "cannot rank the two.", "",
                   "| pair | difference (points) | 95% interval (points) | resamples in which the slimdet row is lower |",
                   "|---|---|---|---|"]  # fmt: skip
-        for pair, b in p["bootstrap"].items():
-            lines.append(f"| {pair} | {100 * b['difference']:+.3f} | [{100 * b['low']:+.3f}, {100 * b['high']:+.3f}] | "
-                         f"{b['a_lower_share']:.0%} of {b['resamples']} |")  # fmt: skip
+        lines += _bootstrap_rows(p["bootstrap"])
     if p.get("extended"):
         lines += ["", *render_extended(p["extended"])]
     lines += ["",
@@ -379,10 +382,13 @@ def render_extended(e: dict) -> list[str]:
                      f"{sum(r['map']) / len(r['map']):.4f} |")  # fmt: skip
     lines += ["", "| pair (extended test set) | difference (points) | 95% interval (points) | "
               "resamples in which the slimdet row is lower |", "|---|---|---|---|"]  # fmt: skip
-    for pair, b in e["bootstrap"].items():
-        lines.append(f"| {pair} | {100 * b['difference']:+.3f} | [{100 * b['low']:+.3f}, {100 * b['high']:+.3f}] | "
-                     f"{b['a_lower_share']:.0%} of {b['resamples']} |")  # fmt: skip
-    return lines
+    return lines + _bootstrap_rows(e["bootstrap"])
+
+
+def _bootstrap_rows(bootstrap: dict) -> list[str]:
+    """Table rows of ``paired_bootstrap`` results (``MapDifference.to_dict()``), in points."""
+    return [f"| {pair} | {100 * b['difference']:+.3f} | [{100 * b['low']:+.3f}, {100 * b['high']:+.3f}] | "
+            f"{b['a_lower_share']:.0%} of {b['resamples']} |" for pair, b in bootstrap.items()]  # fmt: skip
 
 
 def weight_share(weight_bits: dict[str, int]) -> dict[str, float]:
